@@ -1,0 +1,29 @@
+# The two commands of the README. Both create .venv when missing and install probseg into it,
+# with torch pinned by constraints.txt (a CPU machine must never pull a CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.probseg-installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[viz,test]'
+	touch $(STAMP)
+
+# Train the PU-Net on the built-in synthetic data, then sample hypotheses for test images.
+demo: $(STAMP)
+	$(BIN)/probseg fit --config experiments/synthetic/punet.yaml --trainer.default_root_dir $(DEMO_DIR)
+	$(BIN)/probseg sample --ckpt $(DEMO_DIR)/checkpoints/last.ckpt \
+		--data-config experiments/synthetic/punet.yaml --split test --index 0 1 2 3 4 5 \
+		--num-samples 16 --out $(DEMO_DIR)/samples
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

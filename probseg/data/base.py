@@ -1,0 +1,81 @@
+"""Base LightningDataModule: batching, loaders and the batch format every zoo model reads.
+
+Batches are dicts: ``image`` (B, C, H, W) float, ``masks`` (B, R, H, W) long class ids,
+``rater_mask`` (B, R) bool and ``id`` (list of B strings).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, Dataset
+
+SPLITS = ("train", "val", "test")
+
+
+class ProbSegDataModule(pl.LightningDataModule):
+    """Owns loaders; subclasses implement :meth:`make_dataset` for each split.
+
+    Args:
+        batch_size: images per batch.
+        num_workers: data-loader worker processes (0 loads in the main process).
+        num_classes: K, classes in the masks (binary = 2).
+        in_channels: C, image channels.
+    """
+
+    def __init__(self, batch_size: int = 16, num_workers: int = 0, num_classes: int = 2, in_channels: int = 1) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.datasets: dict[str, Dataset] = {}
+
+    def make_dataset(self, split: str) -> Dataset:
+        """Build the dataset of ``split`` (one of "train", "val", "test")."""
+        raise NotImplementedError
+
+    def dataset(self, split: str) -> Dataset:
+        """The dataset of ``split``, built once."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if split not in self.datasets:
+            self.datasets[split] = self.make_dataset(split)
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in needed.get(stage, SPLITS):
+            self.dataset(split)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def item(self, split: str, index: int) -> dict[str, Any]:
+        """One sample of ``split`` by index, with a clear error when out of range."""
+        ds = self.dataset(split)
+        if not 0 <= index < len(ds):
+            raise IndexError(f"index {index} is out of range for the {split} split of {len(ds)} images")
+        return ds[index]

@@ -1,0 +1,80 @@
+"""The combiner ("fcomb") of the Probabilistic U-Net (Kohl et al. 2018).
+
+A latent code z is tiled over the U-Net's last feature map, concatenated to it, and a stack of 1x1
+convolutions maps the result to logits. Drawing S hypotheses therefore costs S passes of these 1x1
+convolutions and none of the U-Net.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Combiner(nn.Module):
+    """1x1-convolution head over [features, tiled z].
+
+    The first convolution acts on a concatenation, so it splits into a feature part computed once
+    per image and a latent part that is a per-sample bias:
+
+    .. math::
+        W [f; z] + b = W_f f + (W_z z + b)
+
+    which gives the same result as tiling z and avoids S copies of the feature map in the first
+    layer.
+
+    Args:
+        feature_channels: channels of the U-Net feature map.
+        latent_dim: L.
+        num_classes: K, logits per pixel.
+        num_layers: 1x1 convolutions in total, the last producing logits (Kohl et al.: 4).
+        hidden_channels: width of the hidden 1x1 convolutions (default: feature_channels).
+
+    Shape:
+        features (B, F, H, W) and z (B, L) -> logits (B, K, H, W);
+        features (B, F, H, W) and z (B, S, L) -> logits (B, S, K, H, W).
+    """
+
+    def __init__(
+        self,
+        feature_channels: int,
+        latent_dim: int,
+        num_classes: int,
+        num_layers: int = 4,
+        hidden_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        hidden = hidden_channels or feature_channels
+        self.feature_channels = feature_channels
+        self.latent_dim = latent_dim
+        widths = [feature_channels + latent_dim] + [hidden] * (num_layers - 1) + [num_classes]
+        self.convs = nn.ModuleList(nn.Conv2d(widths[i], widths[i + 1], 1) for i in range(num_layers))
+
+    def forward(self, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if features.ndim != 4 or features.shape[1] != self.feature_channels:
+            raise ValueError(
+                f"expected features of shape (B, {self.feature_channels}, H, W), got {tuple(features.shape)}"
+            )
+        per_sample = z.ndim == 3
+        if z.ndim == 2:
+            z = z.unsqueeze(1)
+        if z.ndim != 3 or z.shape[0] != features.shape[0] or z.shape[-1] != self.latent_dim:
+            raise ValueError(
+                f"expected z of shape (B, {self.latent_dim}) or (B, S, {self.latent_dim}) with "
+                f"B={features.shape[0]}, got {tuple(z.shape)}"
+            )
+        b, s = z.shape[:2]
+        first = self.convs[0]
+        weight = first.weight.flatten(1)  # (out, F + L)
+        w_feat, w_z = weight[:, : self.feature_channels], weight[:, self.feature_channels :]
+        feat = F.conv2d(features, w_feat[..., None, None])  # (B, out, H, W), once per image
+        bias = z @ w_z.T + first.bias  # (B, S, out)
+        x = feat.unsqueeze(1) + bias[..., None, None]  # (B, S, out, H, W)
+        x = x.flatten(0, 1)
+        for conv in self.convs[1:]:
+            x = conv(F.relu(x))
+        logits = x.unflatten(0, (b, s))
+        return logits if per_sample else logits.squeeze(1)

@@ -1,0 +1,141 @@
+"""Base LightningModule of the zoo: steps, logging, optimizer, checkpoint metadata.
+
+A zoo model implements three things:
+
+* ``__init__``: build its networks from plain arguments (scalars, strings, lists) and call
+  ``self.save_hyperparameters()``, so checkpoints reload with ``weights_only=True``;
+* :meth:`ProbSegModel.loss_terms`: a dict of named, already weighted scalar loss terms; the base
+  class sums them into ``loss`` and logs each as ``"{stage}/{name}"``;
+* :meth:`ProbSegModel.sample`: S segmentation hypotheses per image as (B, S, K, H, W) logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+
+from probseg.data.fusion import random_rater
+
+CHECKPOINT_KEY = "probseg"
+"""Key of the metadata dict a zoo checkpoint carries (model name, class path, version)."""
+
+
+class ProbSegModel(pl.LightningModule):
+    """Shared training plumbing for probabilistic segmentation models.
+
+    Args:
+        in_channels: image channels C.
+        num_classes: classes K (binary = 2).
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay (L2, as in the cSAE paper's setup).
+        num_predict_samples: hypotheses per image drawn by ``predict``.
+
+    Gradient clipping is a Trainer setting (``trainer.gradient_clip_val``).
+    """
+
+    registry_name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        lr: float = 1e-4,
+        weight_decay: float = 5e-5,
+        num_predict_samples: int = 16,
+    ) -> None:
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be positive, got {in_channels}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2 (binary = 2), got {num_classes}")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.num_predict_samples = num_predict_samples
+
+    # --- what a model implements -------------------------------------------------------------
+
+    def loss_terms(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Named, weighted scalar loss terms of a batch; their sum is the training loss."""
+        raise NotImplementedError
+
+    def sample(
+        self, images: torch.Tensor, num_samples: int = 16, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Draw segmentation hypotheses.
+
+        Args:
+            images: (B, C, H, W).
+            num_samples: S.
+            generator: optional torch.Generator for reproducible draws.
+
+        Returns:
+            (B, S, K, H, W) logits.
+        """
+        raise NotImplementedError
+
+    # --- shared plumbing ---------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor, num_samples: int = 1) -> torch.Tensor:
+        """Alias of :meth:`sample`: (B, C, H, W) -> (B, S, K, H, W) logits."""
+        return self.sample(images, num_samples)
+
+    def training_target(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The mask the model learns from in this step: one rater per image, drawn at random."""
+        return random_rater(batch["masks"], batch.get("rater_mask"))
+
+    def check_batch(self, batch: dict[str, Any]) -> None:
+        """Raise a clear error when a batch does not follow the library's batch format."""
+        missing = [k for k in ("image", "masks") if k not in batch]
+        if missing:
+            raise KeyError(f"batch is missing {missing}; batches are dicts with 'image' and 'masks'")
+        image, masks = batch["image"], batch["masks"]
+        if image.ndim != 4 or image.shape[1] != self.in_channels:
+            raise ValueError(
+                f"batch['image'] must be (B, {self.in_channels}, H, W), got {tuple(image.shape)}"
+            )
+        if masks.ndim != 4 or masks.shape[0] != image.shape[0] or masks.shape[-2:] != image.shape[-2:]:
+            raise ValueError(
+                f"batch['masks'] must be (B, R, H, W) matching image {tuple(image.shape)}, got {tuple(masks.shape)}"
+            )
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        self.check_batch(batch)
+        terms = self.loss_terms(batch)
+        loss = torch.stack(list(terms.values())).sum()
+        on_step = stage == "train"
+        logged = {f"{stage}/{name}": value.detach() for name, value in terms.items()}
+        batch_size = batch["image"].shape[0]
+        self.log_dict(logged, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
+        self.log(f"{stage}/loss", loss.detach(), on_step=on_step, on_epoch=not on_step, prog_bar=True,
+                 batch_size=batch_size, sync_dist=not on_step)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        samples = self.sample(batch["image"], self.num_predict_samples)
+        return {"id": batch.get("id"), "samples": samples}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from probseg import __version__
+
+        cls = type(self)
+        checkpoint[CHECKPOINT_KEY] = {
+            "model": self.registry_name,
+            "class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "version": __version__,
+        }

@@ -1,0 +1,91 @@
+"""Probabilistic U-Net.
+
+Kohl et al. 2018, "A Probabilistic U-Net for Segmentation of Ambiguous Images", NeurIPS.
+
+A U-Net generator, an axis-aligned Gaussian prior p(z|x) and posterior q(z|x,y), and a combiner
+that tiles z over the U-Net's last feature map. Training maximizes the ELBO
+
+.. math::
+    \\mathcal{L} = \\mathbb{E}_{z \\sim q(z|x,y)}[\\mathrm{CE}(y, f(x, z))]
+                 + \\beta \\, \\mathrm{KL}(q(z|x,y) \\,\\|\\, p(z|x))
+
+with the cross-entropy summed over pixels and both terms averaged over the batch, and the KL in
+closed form. Hypotheses at test time decode z ~ p(z|x); the U-Net runs once per image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributions import Independent, kl_divergence
+
+from probseg.layers import Combiner, PosteriorEncoder, PriorEncoder, UNet
+from probseg.layers.gaussian import sample_set
+from probseg.losses.functional import cross_entropy
+from probseg.models.base import ProbSegModel
+from probseg.models.registry import register_model
+
+
+@register_model("punet")
+class ProbUNet(ProbSegModel):
+    """Probabilistic U-Net (registry name ``"punet"``).
+
+    Args:
+        in_channels: image channels C.
+        num_classes: K (binary = 2).
+        num_filters: U-Net and encoder channels per level (Kohl et al.: [32, 64, 128, 192]).
+        convs_per_block: 3x3 convolutions per level (Kohl et al.: 3).
+        latent_dim: L (Kohl et al. and the cSAE paper: 6).
+        fcomb_layers: 1x1 convolutions of the combiner (Kohl et al.: 4).
+        beta: weight of the KL term.
+        lr, weight_decay, num_predict_samples: see :class:`ProbSegModel`.
+
+    Loss terms: ``rec`` (cross-entropy, sum over pixels, mean over batch) and ``kl``
+    (beta * analytic KL(q || p), mean over batch).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        num_filters: list[int] = [32, 64, 128, 192],  # noqa: B006 (plain list for YAML and hparams)
+        convs_per_block: int = 3,
+        latent_dim: int = 6,
+        fcomb_layers: int = 4,
+        beta: float = 1.0,
+        lr: float = 1e-4,
+        weight_decay: float = 5e-5,
+        num_predict_samples: int = 16,
+    ) -> None:
+        super().__init__(in_channels, num_classes, lr, weight_decay, num_predict_samples)
+        self.save_hyperparameters()
+        num_filters = list(num_filters)
+        self.beta = beta
+        self.unet = UNet(in_channels, num_filters, convs_per_block)
+        self.prior = PriorEncoder(in_channels, num_filters, convs_per_block, latent_dim)
+        self.posterior = PosteriorEncoder(in_channels, num_classes, num_filters, convs_per_block, latent_dim)
+        self.fcomb = Combiner(num_filters[0], latent_dim, num_classes, fcomb_layers)
+
+    def kl(self, posterior: Independent, prior: Independent) -> torch.Tensor:
+        """KL(q || p) per image, (B,), in closed form."""
+        return kl_divergence(posterior, prior)
+
+    def loss_terms(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        images = batch["image"]
+        target = self.training_target(batch)
+        features = self.unet(images)
+        posterior = self.posterior(images, target)
+        prior = self.prior(images)
+        logits = self.fcomb(features, posterior.rsample())
+        return {
+            "rec": cross_entropy(logits, target, reduction="mean"),
+            "kl": self.beta * self.kl(posterior, prior).mean(),
+        }
+
+    def sample(
+        self, images: torch.Tensor, num_samples: int = 16, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        features = self.unet(images)
+        z = sample_set(self.prior(images), num_samples, generator)
+        return self.fcomb(features, z)
