@@ -15,12 +15,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[viz,test]'
 	touch $(STAMP)
 
-# Train the PU-Net on the built-in synthetic data, then sample hypotheses for test images.
+# Train the PU-Net on the built-in synthetic data, sample hypotheses for test images, and report how
+# well their spread matches the known rater distribution.
 demo: $(STAMP)
 	$(BIN)/probseg fit --config experiments/synthetic/punet.yaml --trainer.default_root_dir $(DEMO_DIR)
 	$(BIN)/probseg sample --ckpt $(DEMO_DIR)/checkpoints/last.ckpt \
-		--data-config experiments/synthetic/punet.yaml --split test --index 0 1 2 3 4 5 \
+		--data-config experiments/synthetic/punet.yaml --split test --index 0 1 2 3 4 5 6 7 \
 		--num-samples 16 --out $(DEMO_DIR)/samples
+	$(BIN)/python benchmarks/synthetic_ambiguity.py --ckpt $(DEMO_DIR)/checkpoints/last.ckpt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

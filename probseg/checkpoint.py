@@ -30,16 +30,20 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
+    except Exception as err:  # torch's safe unpickler raises many types on foreign files
+        message = str(err)
+        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in message:
+            refused = next((line.strip() for line in message.splitlines() if "GLOBAL" in line), message)
+            raise CheckpointError(
+                f"{path} was refused: it holds pickled objects that torch.load(weights_only=True) "
+                f"will not load, because loading them could run code ({refused})"
+            ) from None
         raise CheckpointError(
-            f"{path} was refused: it holds objects that torch.load(weights_only=True) will not "
-            f"unpickle, so loading it could run code. Original error: {str(err).splitlines()[0]}"
+            f"{path} is not a PyTorch checkpoint ({type(err).__name__}: {message.splitlines()[0] if message else ''})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
-    if CHECKPOINT_KEY not in checkpoint:
+    if not isinstance(checkpoint.get(CHECKPOINT_KEY), dict):
         raise CheckpointError(
             f"{path} is not a probseg checkpoint (no '{CHECKPOINT_KEY}' metadata); it was not written "
             "by a probseg model"
@@ -48,7 +52,10 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def load_model(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu", strict: bool = True
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    strict: bool = True,
+    model_class: type[ProbSegModel] | None = None,
 ) -> ProbSegModel:
     """Load any zoo checkpoint as its concrete model class, in eval mode.
 
@@ -56,6 +63,8 @@ def load_model(
         path: a ``.ckpt`` written by training a probseg model.
         map_location: device to load the tensors onto.
         strict: require the state dict to match the model exactly.
+        model_class: build this class instead of the registered one the checkpoint names; for
+            checkpoints of your own, unregistered subclasses.
 
     Returns:
         The model (e.g. :class:`probseg.models.ProbUNet`), in eval mode.
@@ -68,14 +77,24 @@ def load_model(
     checkpoint = read_checkpoint(path, map_location)
     meta = checkpoint[CHECKPOINT_KEY]
     name = meta.get("model", "")
-    if name not in MODELS:
+    if model_class is not None:
+        cls = model_class
+    elif name in MODELS:
+        cls = get_model_class(name)
+    else:
         known = ", ".join(sorted(MODELS)) or "none"
-        raise KeyError(f"{path} holds a model named {name!r}, which is not registered; registered models: {known}")
-    cls = get_model_class(name)
+        what = f"a model named {name!r}" if name else f"an unregistered model class {meta.get('class_path')!r}"
+        raise KeyError(
+            f"{path} holds {what}; registered models: {known}. Register the class with "
+            "@register_model or pass model_class= to load_model"
+        )
     hparams = {k: v for k, v in dict(checkpoint.get("hyper_parameters", {})).items() if not k.startswith("_")}
     try:
         model = cls(**hparams)
     except TypeError as err:
         raise CheckpointError(f"{path}: the saved hyperparameters do not fit {cls.__qualname__}: {err}") from None
-    model.load_state_dict(checkpoint["state_dict"], strict=strict)
+    try:
+        model.load_state_dict(checkpoint["state_dict"], strict=strict)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: the weights do not fit {cls.__qualname__}: {err}") from None
     return model.eval()

@@ -137,8 +137,10 @@ def _datamodule_from_config(path: str) -> Any:
         raise InputError(f"{file}: no 'data' section to build a data module from")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(ProbSegDataModule, "data")
+    # jsonargparse renamed instantiate_classes to instantiate in 4.49.
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     try:
-        return parser.instantiate_classes(parser.parse_object({"data": config["data"]})).data
+        return instantiate(parser.parse_object({"data": config["data"]})).data
     except Exception as err:
         raise InputError(f"{file}: invalid 'data' section: {err}") from None
 
@@ -211,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         written = run(args)
-    except (FileNotFoundError, InputError, KeyError, ValueError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    except (FileNotFoundError, InputError, IndexError, KeyError, ValueError) as err:
+        message = err.args[0] if isinstance(err, (KeyError, IndexError)) and err.args else err
         print(f"probseg sample: error: {message}", file=sys.stderr)
         return 1
     print(f"probseg sample: wrote {len(written)} files to {args.out}")

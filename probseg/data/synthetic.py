@@ -31,7 +31,9 @@ from torch.utils.data import Dataset
 from probseg.data.base import SPLITS, ProbSegDataModule
 
 _SPLIT_CODE = {split: i for i, split in enumerate(SPLITS)}
-_RATER_STREAM, _ORACLE_STREAM = 1, 2
+# Stream ids of the per-image generators. They must be non-zero: numpy's SeedSequence ignores
+# trailing zeros, so [seed, split, index, 0] would repeat the stream of [seed, split, index].
+_GEOMETRY_STREAM, _NOISE_STREAM, _RATER_STREAM, _ORACLE_STREAM = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -115,19 +117,19 @@ class SyntheticDataset(Dataset):
     def __len__(self) -> int:
         return self.num_images
 
-    def _rng(self, index: int, *stream: int) -> np.random.Generator:
+    def _rng(self, index: int, stream: int) -> np.random.Generator:
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} is out of range for {self.num_images} {self.split} images")
-        return np.random.default_rng([self.seed, _SPLIT_CODE[self.split], index, *stream])
+        return np.random.default_rng([self.seed, _SPLIT_CODE[self.split], index, stream])
 
     def case(self, index: int) -> SyntheticCase:
         """The parameters (geometry, contrast, lobe probability) of image ``index``."""
-        rng = self._rng(index)
+        rng = self._rng(index, _GEOMETRY_STREAM)
         n = self.image_size
         center = tuple(rng.uniform(0.35, 0.65, size=2) * n)
         radii = tuple(rng.uniform(0.12, 0.2, size=2) * n)
         angle = float(rng.uniform(0, np.pi))
-        lobe_radius = float(rng.uniform(0.09, 0.13) * n)
+        lobe_radius = float(rng.uniform(0.12, 0.16) * n)
         phi = rng.uniform(0, 2 * np.pi)
         reach = min(radii) + 0.6 * lobe_radius
         lobe_center = (center[0] + reach * np.sin(phi), center[1] + reach * np.cos(phi))
@@ -153,7 +155,7 @@ class SyntheticDataset(Dataset):
         case = self.case(index)
         core, lobe = self._core(case, 0.0), self._lobe(case, 0.0)
         intensity = np.where(core, 1.0, np.where(lobe, case.contrast, 0.0))
-        noise = self._rng(index, 0).normal(0.0, self.noise_std, size=intensity.shape)
+        noise = self._rng(index, _NOISE_STREAM).normal(0.0, self.noise_std, size=intensity.shape)
         return (0.1 + 0.8 * intensity + noise).astype(np.float32)[None]
 
     def _draw(self, case: SyntheticCase, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -196,6 +198,23 @@ class SyntheticDataset(Dataset):
         elif not isinstance(generator, np.random.Generator):
             generator = np.random.default_rng(generator)
         return torch.from_numpy(self._draw(case, n, generator))
+
+    def lobe_region(self, index: int) -> np.ndarray:
+        """(H, W) bool: pixels inside the lobe for every boundary offset and outside the core for
+        every offset, so membership there depends only on the lobe decision."""
+        case = self.case(index)
+        return self._lobe(case, -1.0) & ~self._core(case, 1.0)
+
+    def lobe_included(self, index: int, masks: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Which of ``masks`` (n, H, W) include the lobe of image ``index`` (most of
+        :meth:`lobe_region` foreground). Returns (n,) bool."""
+        region = torch.from_numpy(self.lobe_region(index))
+        masks = torch.as_tensor(masks)
+        if masks.ndim != 3 or masks.shape[-2:] != region.shape:
+            raise ValueError(f"expected masks of shape (n, {self.image_size}, {self.image_size}), got {tuple(masks.shape)}")
+        if not region.any():
+            raise ValueError(f"image {index} has no pixel that belongs to the lobe alone")
+        return (masks[:, region] > 0).float().mean(1) > 0.5
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if index < 0:

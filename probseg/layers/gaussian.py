@@ -111,7 +111,12 @@ class PosteriorEncoder(GaussianEncoder):
             if mask.is_floating_point():
                 raise TypeError(f"a (B, H, W) mask must hold integer class ids, got dtype {mask.dtype}")
             mask = F.one_hot(mask.long(), self.num_classes).permute(0, 3, 1, 2)
-        if mask.ndim != 4 or mask.shape[1] != self.num_classes or mask.shape[-2:] != image.shape[-2:]:
+        if (
+            mask.ndim != 4
+            or mask.shape[0] != image.shape[0]
+            or mask.shape[1] != self.num_classes
+            or mask.shape[-2:] != image.shape[-2:]
+        ):
             raise ValueError(
                 f"mask of shape {tuple(mask.shape)} does not match image {tuple(image.shape)} with "
                 f"{self.num_classes} classes: expected (B, H, W) ids or (B, {self.num_classes}, H, W)"

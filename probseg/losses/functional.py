@@ -48,8 +48,7 @@ def cross_entropy(
             f"target of shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}: "
             "expected (B, H, W) class ids or (B, K, H, W) probabilities"
         )
-    if target.ndim == 3:
-        target = target.long()
+    target = target.long() if target.ndim == 3 else target.to(logits.dtype)
     per_pixel = F.cross_entropy(logits, target, reduction="none")  # (B, H, W)
     if pixel_reduction == "sum":
         per_image = per_pixel.flatten(1).sum(1)

@@ -133,9 +133,13 @@ class ProbSegModel(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from probseg import __version__
 
+        from probseg.models.registry import MODELS
+
         cls = type(self)
+        # A subclass inherits registry_name; only a registered class may claim its name.
+        registered = MODELS.get(self.registry_name) is cls
         checkpoint[CHECKPOINT_KEY] = {
-            "model": self.registry_name,
+            "model": self.registry_name if registered else "",
             "class_path": f"{cls.__module__}.{cls.__qualname__}",
             "version": __version__,
         }

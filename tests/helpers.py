@@ -1,0 +1,32 @@
+"""Helpers shared by the CLI and sampling tests: tiny configs and a tiny trained checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import TINY_PUNET
+
+TINY_DATA = {"image_size": 32, "num_train": 16, "num_val": 8, "num_test": 8, "num_raters": 3, "batch_size": 8}
+
+
+def tiny_config(root: Path, model: object = "punet", max_steps: int = 4, **trainer: object) -> Path:
+    """Write a tiny fit config under ``root`` and return its path."""
+    config = {
+        "model": {"class_path": model, "init_args": dict(TINY_PUNET)} if isinstance(model, str) else model,
+        "data": {"class_path": "probseg.data.SyntheticDataModule", "init_args": dict(TINY_DATA)},
+        "trainer": {
+            "default_root_dir": str(root / "run"),
+            "max_steps": max_steps,
+            "accelerator": "cpu",
+            "devices": 1,
+            "log_every_n_steps": 1,
+            "val_check_interval": 2,
+            "enable_model_summary": False,
+            **trainer,
+        },
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -1,0 +1,115 @@
+"""The combiner ("fcomb") against a naive tile-concatenate-convolve reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from probseg.layers import Combiner
+
+
+def naive_fcomb(comb: Combiner, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Kohl et al.'s fcomb written the obvious way: tile z over H x W, concatenate, 1x1 convs.
+
+    ``features`` (B, F, H, W), ``z`` (B, L) -> (B, K, H, W). ReLU between the convolutions,
+    none after the last one.
+    """
+    b, _, h, w = features.shape
+    tiled = z[:, :, None, None].expand(b, z.shape[1], h, w)
+    x = torch.cat([features, tiled], dim=1)
+    for i, conv in enumerate(comb.convs):
+        if i > 0:
+            x = torch.relu(x)
+        x = F.conv2d(x, conv.weight, conv.bias)
+    return x
+
+
+def _combiner(num_layers: int, hidden: int | None, feat: int = 4, latent: int = 3, classes: int = 2) -> Combiner:
+    torch.manual_seed(0)
+    comb = Combiner(feat, latent, classes, num_layers, hidden)
+    with torch.no_grad():  # larger weights so that every ReLU matters
+        for p in comb.parameters():
+            p.normal_(0, 0.7)
+    return comb
+
+
+CASES = [(1, None, 2), (2, None, 2), (4, None, 3), (3, 5, 4)]
+
+
+@pytest.mark.parametrize(("num_layers", "hidden", "classes"), CASES)
+def test_combiner_single_latent_equals_naive_tiling(num_layers: int, hidden: int | None, classes: int) -> None:
+    comb = _combiner(num_layers, hidden, classes=classes)
+    torch.manual_seed(1)
+    features = torch.randn(2, 4, 6, 5)
+    z = torch.randn(2, 3)
+    out = comb(features, z)
+    assert out.shape == (2, classes, 6, 5)
+    torch.testing.assert_close(out, naive_fcomb(comb, features, z), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("num_layers", "hidden", "classes"), CASES)
+@pytest.mark.parametrize("num_samples", [1, 4])
+def test_combiner_latent_set_equals_naive_tiling_per_sample(
+    num_layers: int, hidden: int | None, classes: int, num_samples: int
+) -> None:
+    comb = _combiner(num_layers, hidden, classes=classes)
+    torch.manual_seed(2)
+    features = torch.randn(3, 4, 5, 7)
+    z = torch.randn(3, num_samples, 3)
+    out = comb(features, z)
+    assert out.shape == (3, num_samples, classes, 5, 7)
+    expected = torch.stack([naive_fcomb(comb, features, z[:, s]) for s in range(num_samples)], dim=1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_combiner_default_hidden_width_and_layer_count() -> None:
+    comb = Combiner(6, 2, 3, num_layers=4)
+    widths = [(c.in_channels, c.out_channels, c.kernel_size) for c in comb.convs]
+    assert widths == [(8, 6, (1, 1)), (6, 6, (1, 1)), (6, 6, (1, 1)), (6, 3, (1, 1))]
+
+
+def test_combiner_backward_gives_finite_gradients_on_every_parameter_and_inputs() -> None:
+    comb = _combiner(3, 5)
+    features = torch.randn(2, 4, 6, 6, requires_grad=True)
+    z = torch.randn(2, 3, 3, requires_grad=True)
+    comb(features, z).pow(2).mean().backward()
+    for name, p in comb.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    assert torch.isfinite(features.grad).all() and features.grad.abs().sum() > 0
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_combiner_gradient_matches_naive_reference() -> None:
+    comb = _combiner(2, None)
+    features = torch.randn(2, 4, 5, 5)
+    z = torch.randn(2, 3, requires_grad=True)
+    (g_fast,) = torch.autograd.grad(comb(features, z).sin().sum(), z)
+    (g_ref,) = torch.autograd.grad(naive_fcomb(comb, features, z).sin().sum(), z)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_combiner_rejects_zero_layers() -> None:
+    with pytest.raises(ValueError, match="num_layers"):
+        Combiner(4, 3, 2, num_layers=0)
+
+
+@pytest.mark.parametrize(
+    ("features_shape", "z_shape"),
+    [
+        ((2, 5, 6, 6), (2, 3)),  # wrong feature channels
+        ((2, 4, 6), (2, 3)),  # 3D features
+        ((2, 4, 6, 6), (2, 4)),  # wrong latent dim
+        ((2, 4, 6, 6), (3, 3)),  # batch mismatch, single latent
+        ((2, 4, 6, 6), (3, 2, 3)),  # batch mismatch, latent set
+        ((2, 4, 6, 6), (3,)),  # 1D z
+        ((2, 4, 6, 6), (2, 2, 2, 3)),  # 4D z
+    ],
+)
+def test_combiner_bad_shapes_are_clear_value_errors(
+    features_shape: tuple[int, ...], z_shape: tuple[int, ...]
+) -> None:
+    comb = _combiner(2, None)
+    with pytest.raises(ValueError, match="expected"):
+        comb(torch.randn(features_shape), torch.randn(z_shape))
