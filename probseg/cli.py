@@ -75,7 +75,14 @@ def build_cli(args: list[str], run: bool = True) -> Any:
     """Construct the probseg LightningCLI (imports Lightning, so kept out of ``--help``)."""
     from probseg.lightning_cli import ProbSegCLI
 
-    return ProbSegCLI(args=args, run=run)
+    # LightningCLI warns when it gets ``args`` while sys.argv holds arguments too: ours are the
+    # same arguments, rewritten, so it sees only the program name while it parses and runs.
+    argv = sys.argv
+    sys.argv = argv[:1]
+    try:
+        return ProbSegCLI(args=args, run=run)
+    finally:
+        sys.argv = argv
 
 
 def _resolve_name(value: Any) -> Any:

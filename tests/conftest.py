@@ -9,6 +9,8 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Lightning 2.6 calls jsonargparse APIs deprecated in jsonargparse 4.49; not ours to fix.
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 TINY_PUNET = {"num_filters": [4, 8, 8], "convs_per_block": 1, "latent_dim": 3, "fcomb_layers": 2}
 

@@ -22,7 +22,8 @@ class Combiner(nn.Module):
         W [f; z] + b = W_f f + (W_z z + b)
 
     which gives the same result as tiling z and avoids S copies of the feature map in the first
-    layer.
+    layer. The parameters are ordinary ``nn.Conv2d`` 1x1 kernels; the forward pass applies them as
+    channels-last matrix products.
 
     Args:
         feature_channels: channels of the U-Net feature map.
@@ -66,15 +67,16 @@ class Combiner(nn.Module):
                 f"expected z of shape (B, {self.latent_dim}) or (B, S, {self.latent_dim}) with "
                 f"B={features.shape[0]}, got {tuple(z.shape)}"
             )
-        b, s = z.shape[:2]
+        # 1x1 convolutions are matrix products over channels; computed channels-last they run as a
+        # few large matmuls, much faster than conv2d with 1x1 kernels on many small images.
         first = self.convs[0]
         weight = first.weight.flatten(1)  # (out, F + L)
         w_feat, w_z = weight[:, : self.feature_channels], weight[:, self.feature_channels :]
-        feat = F.conv2d(features, w_feat[..., None, None])  # (B, out, H, W), once per image
+        feat = torch.einsum("bfhw,of->bhwo", features, w_feat)  # (B, H, W, out), once per image
         bias = z @ w_z.T + first.bias  # (B, S, out)
-        x = feat.unsqueeze(1) + bias[..., None, None]  # (B, S, out, H, W)
-        x = x.flatten(0, 1)
+        x = feat.unsqueeze(1) + bias[:, :, None, None, :]  # (B, S, H, W, out)
         for conv in self.convs[1:]:
-            x = conv(F.relu(x))
-        logits = x.unflatten(0, (b, s))
+            # In place is safe: neither the add nor F.linear needs its own output for backward.
+            x = F.linear(torch.relu_(x), conv.weight.flatten(1), conv.bias)
+        logits = x.permute(0, 1, 4, 2, 3).contiguous()  # (B, S, K, H, W)
         return logits if per_sample else logits.squeeze(1)
