@@ -2,8 +2,9 @@
 
 Nothing is read or downloaded: every image is generated from ``(seed, split, index)``.
 
-Each image shows a bright elliptical *core* and, attached to it, a round *lobe* of contrast
-``c`` in [0, 1] (its intensity above background is ``c`` times the core's). The rater model is:
+Each image shows a bright elliptical *core* (semi-axes 12-20% of the image size, random center
+and rotation) and, attached to it, a round *lobe* (radius 12-16%) of contrast ``c`` in [0, 1]:
+its intensity above background is ``c`` times the core's. The rater model is:
 
 * every rater segments the core;
 * a rater includes the lobe with probability ``p = c`` (independently per rater): a lobe of
