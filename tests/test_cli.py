@@ -102,6 +102,14 @@ def test_unknown_model_name_is_a_clear_error(tmp_path: Path, capsys: pytest.Capt
     assert "no_such_model" in capsys.readouterr().err
 
 
+def test_validate_logs_val_terms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tiny_config(tmp_path)
+    assert main(["validate", "--config", str(config), "--wandb", "disabled"]) == 0
+    out = capsys.readouterr().out
+    for key in ("val/loss", "val/rec", "val/kl"):
+        assert key in out
+
+
 def test_predict_returns_hypotheses(tmp_path: Path) -> None:
     from probseg.cli import build_cli
 
