@@ -17,7 +17,7 @@ _LAZY = {
     "CheckpointError": ("probseg.checkpoint", "CheckpointError"),
     "MODELS": ("probseg.models", "MODELS"),
 }
-_SUBMODULES = {"callbacks", "checkpoint", "data", "layers", "losses", "metrics", "models", "viz"}
+_SUBMODULES = {"callbacks", "checkpoint", "data", "layers", "losses", "models", "sampling", "viz"}
 
 __all__ = ["__version__", *_LAZY, *sorted(_SUBMODULES)]
 

@@ -23,13 +23,14 @@ class CheckpointError(ValueError):
     """A file is not a loadable probseg checkpoint."""
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint dict with ``weights_only=True`` and check it is a probseg checkpoint."""
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint dict onto the CPU with ``weights_only=True`` and check it is a probseg
+    checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch's safe unpickler raises many types on foreign files
         message = str(err)
         if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in message:
@@ -61,7 +62,7 @@ def load_model(
 
     Args:
         path: a ``.ckpt`` written by training a probseg model.
-        map_location: device to load the tensors onto.
+        map_location: device the returned model lives on (the file is always read onto the CPU).
         strict: require the state dict to match the model exactly.
         model_class: build this class instead of the registered one the checkpoint names; for
             checkpoints of your own, unregistered subclasses.
@@ -74,7 +75,8 @@ def load_model(
         CheckpointError: the file is not a probseg checkpoint or cannot be loaded safely.
         KeyError: the checkpoint names a model that is not registered.
     """
-    checkpoint = read_checkpoint(path, map_location)
+    device = torch.device(map_location)  # a bad device string fails here, before any reading
+    checkpoint = read_checkpoint(path)
     meta = checkpoint[CHECKPOINT_KEY]
     name = meta.get("model", "")
     if model_class is not None:
@@ -97,4 +99,4 @@ def load_model(
         model.load_state_dict(checkpoint["state_dict"], strict=strict)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: the weights do not fit {cls.__qualname__}: {err}") from None
-    return model.eval()
+    return model.to(device).eval()

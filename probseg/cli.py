@@ -13,6 +13,7 @@ Logging defaults: a CSVLogger (``{default_root_dir}/logs``) and W&B in offline m
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -67,32 +68,54 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_lightning(args: list[str]) -> Any:
     """Run Lightning's CLI on ``args`` (subcommand first), registry names resolved."""
-    with tempfile.TemporaryDirectory(prefix="probseg-config-") as tmp:
-        return build_cli(resolve_model_names(args, Path(tmp)))
+    written: list[Path] = []
+    try:
+        return build_cli(resolve_model_names(args, written))
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
 
 
 def build_cli(args: list[str], run: bool = True) -> Any:
-    """Construct the probseg LightningCLI (imports Lightning, so kept out of ``--help``)."""
+    """Construct the probseg LightningCLI (imports Lightning, so kept out of ``--help``).
+
+    The arguments go through ``sys.argv`` rather than LightningCLI's ``args``: Lightning's DDP
+    launcher re-runs ``sys.argv`` in its child processes, which must see the same command.
+    """
     from probseg.lightning_cli import ProbSegCLI
 
-    # LightningCLI warns when it gets ``args`` while sys.argv holds arguments too: ours are the
-    # same arguments, rewritten, so it sees only the program name while it parses and runs.
     argv = sys.argv
-    sys.argv = argv[:1]
+    sys.argv = [argv[0] if argv else "probseg", *args]
     try:
-        return ProbSegCLI(args=args, run=run)
+        return ProbSegCLI(run=run)
     finally:
         sys.argv = argv
 
 
-def _resolve_name(value: Any) -> Any:
+def _resolve_model_node(node: Any, base: Path, written: list[Path]) -> Any:
+    """A ``model`` config value with registry names resolved: a name, a dict with ``class_path``,
+    or the path of a YAML file holding one (relative to ``base``), resolved in turn."""
     from probseg.models import MODELS, class_path
 
-    return class_path(MODELS[value]) if isinstance(value, str) and value in MODELS else value
+    if isinstance(node, str):
+        if node in MODELS:
+            return {"class_path": class_path(MODELS[node])}
+        file = base / node
+        if node.endswith((".yaml", ".yml")) and file.is_file():
+            resolved = _resolve_config_file(str(file), written, model_file=True)
+            return node if resolved == str(file) else resolved
+        return node
+    if isinstance(node, dict) and isinstance(node.get("class_path"), str) and node["class_path"] in MODELS:
+        return {**node, "class_path": class_path(MODELS[node["class_path"]])}
+    return node
 
 
-def _resolve_config_file(path: str, tmp: Path) -> str:
-    """Copy of a YAML config with registry model names replaced by class paths (or ``path``)."""
+def _resolve_config_file(path: str, written: list[Path], model_file: bool = False) -> str:
+    """``path``, or a resolved copy of it when its model is given by registry name.
+
+    The copy is written next to the original (hidden, removed after the run) so that relative
+    paths inside it still resolve; ``written`` collects the copies.
+    """
     import yaml
 
     file = Path(path)
@@ -102,26 +125,36 @@ def _resolve_config_file(path: str, tmp: Path) -> str:
         config = yaml.safe_load(file.read_text())
     except yaml.YAMLError:
         return path  # let jsonargparse report the syntax error with the file name
-    model = config.get("model") if isinstance(config, dict) else None
-    if isinstance(model, str):
-        resolved = _resolve_name(model)
-        if resolved == model:
+    if model_file:
+        resolved = _resolve_model_node(config, file.parent, written)
+        if resolved is config:
             return path
-        config["model"] = {"class_path": resolved}
-    elif isinstance(model, dict) and "class_path" in model:
-        resolved = _resolve_name(model["class_path"])
-        if resolved == model["class_path"]:
+        config = resolved
+    elif isinstance(config, dict) and "model" in config:
+        resolved = _resolve_model_node(config["model"], file.parent, written)
+        if resolved is config["model"]:
             return path
-        model["class_path"] = resolved
+        config["model"] = resolved
     else:
         return path
-    out = tmp / f"{len(list(tmp.iterdir()))}-{file.name}"
-    out.write_text(yaml.safe_dump(config, sort_keys=False))
-    return str(out)
+    text = yaml.safe_dump(config, sort_keys=False)
+    for folder in (file.parent, Path(tempfile.gettempdir())):
+        try:
+            handle, name = tempfile.mkstemp(prefix=f".{file.stem}.", suffix=".probseg.yaml", dir=folder)
+        except OSError:
+            continue  # read-only config folder: fall back to the temp folder
+        with os.fdopen(handle, "w") as f:
+            f.write(text)
+        written.append(Path(name))
+        return name
+    raise OSError(f"could not write a resolved copy of {file}")
 
 
-def resolve_model_names(args: list[str], tmp: Path) -> list[str]:
-    """Replace registry names ("punet") by class paths in ``--model`` arguments and config files."""
+def resolve_model_names(args: list[str], written: list[Path]) -> list[str]:
+    """Replace registry names ("punet") by class paths in ``--model`` arguments and config files.
+
+    ``written`` collects the resolved config copies, for the caller to delete after the run.
+    """
     out: list[str] = []
     i = 0
     while i < len(args):
@@ -134,7 +167,11 @@ def resolve_model_names(args: list[str], tmp: Path) -> list[str]:
             elif not eq:
                 out.append(arg)
                 break
-            value = _resolve_config_file(value, tmp) if key in ("--config", "-c") else _resolve_name(value)
+            if key in ("--config", "-c"):
+                value = _resolve_config_file(value, written)
+            else:
+                resolved = _resolve_model_node(value, Path.cwd(), written)
+                value = resolved["class_path"] if isinstance(resolved, dict) else resolved
             out += [key, value]
         else:
             out.append(arg)

@@ -7,12 +7,12 @@ import os
 from typing import Any
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import probseg.data  # noqa: F401  (registers data modules for short class names)
 import probseg.models  # noqa: F401  (registers zoo models for short class names)
-from probseg.callbacks import FitSummary, RunCheckpoint
+from probseg.callbacks import FitSummary, HypothesisWriter, RunCheckpoint
 from probseg.data.base import ProbSegDataModule
 from probseg.models.base import ProbSegModel
 
@@ -62,5 +62,7 @@ class ProbSegCLI(LightningCLI):
             callbacks.append(RunCheckpoint())
         if not any(isinstance(c, FitSummary) for c in callbacks):
             callbacks.append(FitSummary())
+        if not any(isinstance(c, BasePredictionWriter) for c in callbacks):
+            callbacks.append(HypothesisWriter())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)

@@ -3,10 +3,16 @@
 For every image it writes ``<id>.npz`` (``samples``: (S, H, W) class ids; ``probabilities``:
 (S, K, H, W) softmax of each hypothesis; ``mean`` and ``std``: (K, H, W) pixel-wise over the
 hypotheses; ``image``; ``raters`` (R, H, W) when known) and ``<id>.png``, a grid of the image, the
-raters, the hypotheses and the mean and std of the foreground probability.
+raters, the hypotheses and the mean and std of the foreground probability. The id of a file is its
+name without the extension; when two inputs share an id (``a/x.npy b/x.npy`` or ``x.npy x.png``)
+the later ones get ``x-1``, ``x-2``, ... in the order given.
 
-Input files: ``.npy`` (H, W), (C, H, W) or (H, W, C), used as stored; ``.png`` scaled to [0, 1];
-``.nii``/``.nii.gz`` (2D, or a 3D volume with ``--slice``), used as stored.
+Input files: ``.npy`` (H, W), (C, H, W) or (H, W, C), used as stored; ``.png`` scaled to [0, 1]
+(palette images become RGB, or grayscale when the palette is gray; the alpha channel is
+dropped); ``.nii``/``.nii.gz`` (2D, or a 3D volume with ``--slice``), used as stored.
+
+numpy and torch are imported inside the functions that need them so that ``probseg sample -h``
+stays quick.
 """
 
 from __future__ import annotations
@@ -15,43 +21,96 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 
 class InputError(ValueError):
-    """An input image cannot be used with the model."""
+    """An input image or a command-line setting cannot be used with the model."""
 
 
-def _to_chw(array: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
+class SamplingError(RuntimeError):
+    """Drawing hypotheses failed at run time (e.g. out of device memory) for one input."""
+
+
+class SampleInput(NamedTuple):
+    """One image to sample: output ``key``, human-readable ``source``, (C, H, W) ``image``, raters."""
+
+    key: str
+    source: str
+    image: np.ndarray
+    raters: np.ndarray | None
+
+
+def _to_chw(array: np.ndarray, in_channels: int, source: str) -> np.ndarray:
+    """(H, W), (C, H, W) or (H, W, C) -> (C, H, W) float32 with C == ``in_channels``.
+
+    For a 3D array the channel axis is the first axis when it has ``in_channels`` entries, else the
+    last axis when that one has; otherwise the smaller of the two is reported as the image's
+    channel count.
+    """
+    import numpy as np
+
     if array.ndim == 2:
         array = array[None]
-    elif array.ndim == 3 and array.shape[0] != in_channels and array.shape[-1] == in_channels:
-        array = np.moveaxis(array, -1, 0)
-    if array.ndim != 3:
-        raise InputError(f"{path}: expected a 2D image, (C, H, W) or (H, W, C); got shape {array.shape}")
+    elif array.ndim == 3:
+        if array.shape[0] != in_channels and array.shape[-1] == in_channels:
+            array = np.moveaxis(array, -1, 0)
+    else:
+        raise InputError(f"{source}: expected a 2D image, (C, H, W) or (H, W, C); got shape {array.shape}")
     if array.shape[0] != in_channels:
+        shape = array.shape
+        channels = min(shape[0], shape[-1])
         raise InputError(
-            f"{path}: the model expects {in_channels} channel(s) but the image has {array.shape[0]} "
-            f"(shape {array.shape})"
+            f"{source}: the model expects {in_channels} channel(s) but the image has {channels} (shape {shape})"
         )
     if not np.isfinite(array).all():
-        raise InputError(f"{path}: the image contains NaN or infinite values")
+        raise InputError(f"{source}: the image contains NaN or infinite values")
     return np.ascontiguousarray(array, dtype=np.float32)
+
+
+# Pillow modes a PNG can open as, and the mode its pixels are read in.
+_PNG_MODES = {"1": "L", "LA": "L", "La": "L", "RGBA": "RGB", "RGBa": "RGB"}
+
+
+def _png_array(img: Any) -> np.ndarray:
+    """A Pillow image as an array scaled to [0, 1]: (H, W) for gray modes, (H, W, 3) for colour."""
+    import numpy as np
+
+    mode = img.mode
+    if mode in ("P", "PA"):
+        indices = np.unique(np.asarray(img))
+        palette = np.asarray(img.getpalette() or [], dtype=np.int64).reshape(-1, 3)
+        used = palette[indices[indices < len(palette)]]
+        gray = len(used) > 0 and bool((used == used[:, :1]).all())
+        img = img.convert("RGBA" if mode == "PA" else "RGB").convert("L" if gray else "RGB")
+    elif mode in _PNG_MODES:
+        img = img.convert(_PNG_MODES[mode])
+    array = np.asarray(img)
+    # PNG holds 1 to 16 bits per channel; Pillow opens 16-bit gray as uint16 ("I;16") or int32 ("I").
+    kind, size = array.dtype.kind, array.dtype.itemsize
+    scale = 255.0 if (kind, size) == ("u", 1) else 65535.0 if kind in "ui" else 1.0
+    return array.astype(np.float32) / scale
 
 
 def load_image_file(path: str | os.PathLike, in_channels: int, slice_index: int | None = None) -> np.ndarray:
     """Read an image file as a (C, H, W) float32 array for a model with ``in_channels`` channels.
 
+    Errors name the file as it was given.
+
     Raises:
         FileNotFoundError: no such file.
         InputError: unreadable file, unsupported format, wrong shape or channel count.
     """
+    import numpy as np
+
+    source = os.fspath(path)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"input image not found: {path}")
+        raise FileNotFoundError(f"input image not found: {source}")
     name = path.name.lower()
     try:
         if name.endswith(".npy"):
@@ -60,9 +119,7 @@ def load_image_file(path: str | os.PathLike, in_channels: int, slice_index: int 
             from PIL import Image
 
             with Image.open(path) as img:
-                array = np.asarray(img)
-            scale = 65535.0 if array.dtype == np.uint16 else 255.0 if array.dtype == np.uint8 else 1.0
-            array = array.astype(np.float32) / scale
+                array = _png_array(img)
         elif name.endswith((".nii", ".nii.gz")):
             import nibabel as nib
 
@@ -71,23 +128,53 @@ def load_image_file(path: str | os.PathLike, in_channels: int, slice_index: int 
                 array = array[..., 0]
             elif array.ndim == 3:
                 if slice_index is None:
-                    raise InputError(f"{path}: a 3D volume of shape {array.shape}; choose a slice with --slice")
+                    raise InputError(f"{source}: a 3D volume of shape {array.shape}; choose a slice with --slice")
                 if not -array.shape[-1] <= slice_index < array.shape[-1]:
-                    raise InputError(f"{path}: --slice {slice_index} is outside the {array.shape[-1]} slices")
+                    raise InputError(f"{source}: --slice {slice_index} is outside the {array.shape[-1]} slices")
                 array = array[..., slice_index]
         else:
-            raise InputError(f"{path}: unsupported file type; use .npy, .png, .nii or .nii.gz")
+            raise InputError(f"{source}: unsupported file type; use .npy, .png, .nii or .nii.gz")
     except InputError:
         raise
     except Exception as err:  # any reader failure: name the file, keep the reader's reason
-        raise InputError(f"{path}: could not read the file ({type(err).__name__}: {err})") from None
+        raise InputError(f"{source}: could not read the file ({type(err).__name__}: {err})") from None
     if array.dtype == object or not np.issubdtype(array.dtype, np.number):
-        raise InputError(f"{path}: expected numeric image data, got dtype {array.dtype}")
-    return _to_chw(array, in_channels, path)
+        raise InputError(f"{source}: expected numeric image data, got dtype {array.dtype}")
+    return _to_chw(array, in_channels, source)
+
+
+def file_key(path: str | os.PathLike) -> str:
+    """The output id of an input file: its name without the image extension (``mri.nii.gz`` -> ``mri``)."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".npy", ".png", ".nii"):
+        if name.lower().endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return Path(name).stem or name
+
+
+def unique_keys(keys: list[str]) -> list[str]:
+    """Make output ids unique, in order: the first ``x`` stays ``x``, later ones become ``x-1``, ``x-2``, ...
+
+    Ids differing only in case count as equal (they collide on case-insensitive file systems), and a
+    renamed id never takes an id that another input has as its own.
+    """
+    own = {key.casefold() for key in keys}
+    used: set[str] = set()
+    result = []
+    for key in keys:
+        candidate, n = key, 0
+        while candidate.casefold() in used or (n and candidate.casefold() in own):
+            n += 1
+            candidate = f"{key}-{n}"
+        used.add(candidate.casefold())
+        result.append(candidate)
+    return result
 
 
 def summarize(logits: torch.Tensor) -> dict[str, np.ndarray]:
     """(S, K, H, W) logits of one image -> samples, probabilities, mean and std as numpy arrays."""
+    import torch
+
     probs = logits.float().softmax(dim=1)
     return {
         "samples": probs.argmax(dim=1).to(torch.uint8).numpy(),
@@ -102,14 +189,20 @@ def foreground(probabilities: np.ndarray) -> np.ndarray:
     return 1.0 - probabilities[:, 0]
 
 
-def write_outputs(out: Path, key: str, image: np.ndarray, logits: torch.Tensor, raters: np.ndarray | None) -> list[Path]:
-    """Write ``<key>.npz`` and ``<key>.png`` for one image; return the paths written."""
+def write_outputs(
+    out: Path, key: str, image: np.ndarray, logits: torch.Tensor, raters: np.ndarray | None, *, plot: bool = True
+) -> list[Path]:
+    """Write ``<key>.npz`` and (with ``plot``) ``<key>.png`` for one image; return the paths written."""
+    import numpy as np
+
     out.mkdir(parents=True, exist_ok=True)
     arrays = summarize(logits)
     extra = {} if raters is None else {"raters": raters}
     npz = out / f"{key}.npz"
     np.savez_compressed(npz, image=image, **arrays, **extra)
     written = [npz]
+    if not plot:
+        return written
     try:
         from probseg.viz import plot_sample_grid
     except ImportError:
@@ -131,10 +224,10 @@ def _datamodule_from_config(path: str) -> Any:
 
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"data config not found: {file}")
+        raise FileNotFoundError(f"data config not found: {path}")
     config = yaml.safe_load(file.read_text())
     if not isinstance(config, dict) or "data" not in config:
-        raise InputError(f"{file}: no 'data' section to build a data module from")
+        raise InputError(f"{path}: no 'data' section to build a data module from")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(ProbSegDataModule, "data")
     # jsonargparse renamed instantiate_classes to instantiate in 4.49.
@@ -142,29 +235,64 @@ def _datamodule_from_config(path: str) -> Any:
     try:
         return instantiate(parser.parse_object({"data": config["data"]})).data
     except Exception as err:
-        raise InputError(f"{file}: invalid 'data' section: {err}") from None
+        raise InputError(f"{path}: invalid 'data' section: {err}") from None
 
 
-def collect_inputs(args: argparse.Namespace, in_channels: int) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    """(key, image (C, H, W), raters (R, H, W) or None) for every requested image."""
-    items: list[tuple[str, np.ndarray, np.ndarray | None]] = []
+def collect_inputs(args: argparse.Namespace, in_channels: int) -> list[SampleInput]:
+    """Every requested image, with a unique output key and a source label for messages."""
+    items: list[SampleInput] = []
     for path in args.input or []:
-        key = Path(path).name.split(".")[0]
-        items.append((key, load_image_file(path, in_channels, args.slice), None))
+        source = os.fspath(path)
+        items.append(SampleInput(file_key(path), source, load_image_file(path, in_channels, args.slice), None))
     if args.data_config:
         dm = _datamodule_from_config(args.data_config)
         for index in args.index or [0]:
-            item = dm.item(args.split, index)
+            source = f"{args.data_config} split {args.split} index {index}"
+            try:
+                item = dm.item(args.split, index)
+            except IndexError as err:
+                raise InputError(f"{source}: {err.args[0] if err.args else err}") from None
             image = item["image"].numpy()
             if image.shape[0] != in_channels:
                 raise InputError(
-                    f"{args.data_config}: the data has {image.shape[0]} channel(s) but the model expects {in_channels}"
+                    f"{source}: the data has {image.shape[0]} channel(s) but the model expects {in_channels}"
                 )
             raters = item["masks"].numpy()
             if "rater_mask" in item:
                 raters = raters[item["rater_mask"].numpy()]
-            items.append((str(item.get("id", f"{args.split}-{index}")), image, raters))
-    return items
+            items.append(SampleInput(str(item.get("id", f"{args.split}-{index}")), source, image, raters))
+    keys = unique_keys([item.key for item in items])
+    for item, key in zip(items, keys):
+        if key != item.key:
+            print(f"probseg sample: {item.source} is written as {key} ({item.key} is taken)", file=sys.stderr)
+    return [item._replace(key=key) for item, key in zip(items, keys)]
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Parse ``--device`` and check that it can be used here.
+
+    Raises:
+        InputError: not a torch device string, or a device this machine does not have.
+    """
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise InputError(f"--device {spec!r} is not a torch device ({err})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise InputError(
+                f"--device {spec}: CUDA is not available here (torch.cuda.is_available() is False; "
+                f"torch {torch.__version__}, {build}); use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise InputError(f"--device {spec}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {spec}: MPS is not available here (torch.backends.mps.is_available() is False)")
+    return device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,32 +308,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-config", help="YAML whose 'data' section builds a data module")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="split for --data-config")
     parser.add_argument("--index", type=int, nargs="+", help="image indices for --data-config (default 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the latent draws (default 0)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="seed of the latent draws (default 0); the same seed gives different draws on different devices",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda or cuda:1 (default cpu)")
     return parser
 
 
 def run(args: argparse.Namespace) -> list[Path]:
     """Sample for every input of ``args`` and return the files written."""
+    import torch
+
     from probseg.checkpoint import load_model
 
     if args.num_samples < 1:
         raise InputError(f"--num-samples must be positive, got {args.num_samples}")
     if not args.input and not args.data_config:
         raise InputError("give images with --input FILE ... or --data-config CFG --index I ...")
-    model = load_model(args.ckpt, map_location=args.device)
+    device = resolve_device(args.device)
+    try:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    except RuntimeError as err:
+        raise InputError(f"--device {args.device}: cannot draw random numbers on this device ({err})") from None
+    model = load_model(args.ckpt, map_location=device)
     items = collect_inputs(args, model.in_channels)
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
     out = Path(args.out)
     written: list[Path] = []
     with torch.inference_mode():
-        for key, image, raters in items:
-            batch = torch.from_numpy(image)[None].to(args.device)
+        for item in items:
             try:
+                batch = torch.from_numpy(item.image)[None].to(device)
                 logits = model.sample(batch, args.num_samples, generator=generator)[0].cpu()
             except (ValueError, TypeError) as err:
-                raise InputError(f"{key}: {err}") from None
-            written += write_outputs(out, key, image, logits, raters)
+                raise InputError(f"{item.source}: {err}") from None
+            except RuntimeError as err:  # e.g. out of device memory, or a kernel missing on this device
+                oom = isinstance(err, torch.cuda.OutOfMemoryError)
+                hint = " (try fewer --num-samples or --device cpu)" if oom else ""
+                raise SamplingError(f"{item.source}: sampling on {device} failed{hint}: {err}") from None
+            written += write_outputs(out, item.key, item.image, logits, item.raters)
     return written
 
 
@@ -213,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         written = run(args)
-    except (FileNotFoundError, InputError, IndexError, KeyError, ValueError) as err:
+    except (FileNotFoundError, InputError, SamplingError, IndexError, KeyError, ValueError) as err:
         message = err.args[0] if isinstance(err, (KeyError, IndexError)) and err.args else err
         print(f"probseg sample: error: {message}", file=sys.stderr)
         return 1

@@ -6,16 +6,21 @@ import csv
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
 import probseg
-from probseg.cli import main, resolve_model_names
+from probseg.cli import build_cli, main, resolve_model_names
 from probseg.models import ProbUNet
+from tests.conftest import TINY_PUNET
 from tests.helpers import tiny_config
 
-PROBSEG = [sys.executable, "-m", "probseg.cli"]
+# The console script installed next to this interpreter (what `probseg` runs in the venv).
+PROBSEG = [str(Path(sys.executable).parent / "probseg")]
 
 
 def _metric_keys(root: Path) -> set[str]:
@@ -24,12 +29,34 @@ def _metric_keys(root: Path) -> set[str]:
         return {k for row in csv.DictReader(f) for k, v in row.items() if v}
 
 
+def _cli(args: list[str]) -> Any:
+    """Build (without running) the CLI as ``probseg`` would, removing resolved config copies."""
+    written: list[Path] = []
+    try:
+        return build_cli(resolve_model_names(args, written), run=False)
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
+
+
 def test_help_lists_commands_without_lightning() -> None:
     code = "import sys; from probseg.cli import main; main(['--help']); print('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     for command in ("fit", "validate", "test", "predict", "sample", "models"):
         assert command in out
     assert out.strip().endswith("False"), "probseg --help must not import Lightning"
+
+
+def test_version_and_models(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert probseg.__version__ in capsys.readouterr().out
+    assert main(["models"]) == 0
+    assert "punet" in capsys.readouterr().out and "probseg.models.punet.ProbUNet"
+
+
+def test_python_dash_m_probseg() -> None:
+    out = subprocess.run([sys.executable, "-m", "probseg", "models"], capture_output=True, text=True, check=True)
+    assert "punet" in out.stdout
 
 
 def test_unknown_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -45,6 +72,7 @@ def test_fit_then_test_through_console_script(tmp_path: Path) -> None:
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert last.is_file()
     assert "last checkpoint" in fit.stdout and str(last) in fit.stdout
+    assert "LightningCLI's args parameter" not in fit.stderr
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "W&B should log offline by default"
     assert list((tmp_path / "run" / "logs").glob("version_*/loss_curves.png"))
     model = probseg.load_model(last)
@@ -61,37 +89,64 @@ def test_fit_then_test_through_console_script(tmp_path: Path) -> None:
     assert "test/loss" in test.stdout
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["--model", "punet"],
-        ["--model=punet"],
-        ["--model.class_path", "punet"],
-    ],
-)
-def test_registry_name_on_command_line(args: list[str], tmp_path: Path) -> None:
-    resolved = resolve_model_names(["fit", *args], tmp_path)
-    assert resolved[-1] == "probseg.models.punet.ProbUNet"
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_second_fit_in_the_same_folder_replaces_last_ckpt(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, max_steps=2)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    steps = []
+    for max_steps in (2, 4):
+        main(["fit", "--config", str(config), "--wandb", "disabled", "--trainer.max_steps", str(max_steps)])
+        steps.append(torch.load(last, weights_only=True)["global_step"])
+    assert steps == [2, 4]
+    assert not list(last.parent.glob("last-v*.ckpt"))
+
+
+@pytest.mark.parametrize("args", [["--model", "punet"], ["--model=punet"], ["--model.class_path", "punet"]])
+def test_registry_name_on_command_line(args: list[str]) -> None:
+    written: list[Path] = []
+    assert resolve_model_names(["fit", *args], written)[-1] == "probseg.models.punet.ProbUNet"
+    assert written == []
 
 
 @pytest.mark.parametrize("model", ["punet", "ProbUNet", "probseg.models.punet.ProbUNet", "probseg.models.ProbUNet"])
 def test_model_chosen_in_yaml(model: str, tmp_path: Path) -> None:
-    from probseg.cli import build_cli
-
-    config = tiny_config(tmp_path, model=model)
-    cli = build_cli(resolve_model_names(["--config", str(config), "--wandb", "disabled"], tmp_path), run=False)
+    cli = _cli(["--config", str(tiny_config(tmp_path, model=model)), "--wandb", "disabled"])
     assert type(cli.model) is ProbUNet
     assert cli.model.hparams.num_filters == [4, 8, 8]
 
 
 def test_model_given_as_bare_registry_name(tmp_path: Path) -> None:
-    from probseg.cli import build_cli
-
-    config = tiny_config(tmp_path, model="punet")
-    text = config.read_text().replace("class_path: punet\n", "")
-    config.write_text(text.replace("model:\n  init_args:", "model_args:") + "model: punet\n")
-    cli = build_cli(resolve_model_names(["--config", str(config), "--wandb", "disabled"], tmp_path), run=False)
+    config = tiny_config(tmp_path)
+    content = yaml.safe_load(config.read_text())
+    content["model"] = "punet"
+    config.write_text(yaml.safe_dump(content))
+    cli = _cli(["--config", str(config), "--wandb", "disabled", "--model.init_args.num_filters", "[4, 8, 8]",
+                "--model.init_args.convs_per_block", "1"])
     assert type(cli.model) is ProbUNet
+    assert cli.model.hparams.num_filters == [4, 8, 8]
+
+
+def test_registry_name_with_relative_nested_configs(tmp_path: Path) -> None:
+    """Resolving a registry name must not break paths relative to the config file."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    content = yaml.safe_load(tiny_config(tmp_path).read_text())
+    (folder / "data.yaml").write_text(yaml.safe_dump(content.pop("data")))
+    (folder / "model.yaml").write_text(yaml.safe_dump(content.pop("model")))
+    content["data"] = "data.yaml"
+    content["model"] = "model.yaml"
+    (folder / "main.yaml").write_text(yaml.safe_dump(content))
+    cli = _cli(["--config", str(folder / "main.yaml"), "--wandb", "disabled"])
+    assert type(cli.model) is ProbUNet and cli.model.hparams.num_filters == [4, 8, 8]
+    assert cli.datamodule.hparams.image_size == 32
+    assert sorted(p.name for p in folder.iterdir()) == ["data.yaml", "main.yaml", "model.yaml"], "copies left behind"
+
+
+def test_model_file_on_command_line(tmp_path: Path) -> None:
+    model_file = tmp_path / "model.yaml"
+    model_file.write_text(yaml.safe_dump({"class_path": "punet", "init_args": dict(TINY_PUNET)}))
+    cli = _cli(["--config", str(tiny_config(tmp_path)), "--model", str(model_file), "--wandb", "disabled"])
+    assert type(cli.model) is ProbUNet and cli.model.hparams.latent_dim == TINY_PUNET["latent_dim"]
 
 
 def test_unknown_model_name_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -102,6 +157,12 @@ def test_unknown_model_name_is_a_clear_error(tmp_path: Path, capsys: pytest.Capt
     assert "no_such_model" in capsys.readouterr().err
 
 
+def test_base_class_is_refused(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, model={"class_path": "probseg.models.ProbSegModel"})
+    with pytest.raises((TypeError, ValueError), match="base class; choose a zoo model"):
+        _cli(["--config", str(config), "--wandb", "disabled"])
+
+
 def test_validate_logs_val_terms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tiny_config(tmp_path)
     assert main(["validate", "--config", str(config), "--wandb", "disabled"]) == 0
@@ -110,14 +171,28 @@ def test_validate_logs_val_terms(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert key in out
 
 
-def test_predict_returns_hypotheses(tmp_path: Path) -> None:
-    from probseg.cli import build_cli
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_validation_loss_is_deterministic_and_leaves_the_training_rng_alone(tmp_path: Path) -> None:
+    cli = _cli(["--config", str(tiny_config(tmp_path)), "--wandb", "disabled"])
+    cli.datamodule.setup("validate")
+    batch = next(iter(cli.datamodule.val_dataloader()))
+    torch.manual_seed(123)
+    first = cli.model.validation_step(batch, 0)
+    after_first = torch.rand(1)
+    torch.manual_seed(123)
+    second = cli.model.validation_step(batch, 0)
+    torch.testing.assert_close(first, second)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after_first), "validation must not draw from the global RNG"
 
+
+def test_predict_writes_hypotheses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tiny_config(tmp_path, max_steps=1)
-    args = ["--config", str(config), "--wandb", "disabled", "--model.init_args.num_predict_samples", "5"]
-    cli = build_cli(resolve_model_names(args, tmp_path), run=False)
-    predictions = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
-    assert len(predictions) == 1  # 8 test images, batch size 8
-    assert predictions[0]["samples"].shape == (8, 5, 2, 32, 32)
-    assert len(predictions[0]["id"]) == 8
-    assert torch.isfinite(predictions[0]["samples"]).all()
+    assert main(["predict", "--config", str(config), "--wandb", "disabled",
+                 "--model.init_args.num_predict_samples", "5"]) == 0
+    files = sorted((tmp_path / "run" / "predictions").glob("*.npz"))
+    assert len(files) == 8  # the 8 test images
+    data = np.load(files[0])
+    assert data["probabilities"].shape == (5, 2, 32, 32)
+    assert data["raters"].shape == (3, 32, 32)
+    assert "wrote hypotheses of 8 images" in capsys.readouterr().out

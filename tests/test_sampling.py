@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -11,7 +13,7 @@ import torch
 
 from probseg.data import SyntheticDataModule
 from probseg.models import ProbUNet
-from probseg.sampling import load_image_file, main
+from probseg.sampling import InputError, _to_chw, load_image_file, main, unique_keys, write_outputs
 from tests.conftest import TINY_PUNET
 from tests.helpers import TINY_DATA, tiny_config
 
@@ -147,7 +149,7 @@ def test_size_not_divisible_by_network_depth(checkpoint: Path, tmp_path: Path, c
     path = tmp_path / "odd.npy"
     np.save(path, np.zeros((30, 30), dtype=np.float32))
     err = _run_error(["--ckpt", str(checkpoint), "--input", str(path), "--out", str(tmp_path)], capsys)
-    assert "odd" in err and "divisible by 4" in err
+    assert f"{path}: " in err and "divisible by 4" in err
 
 
 def test_non_finite_image(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -176,3 +178,244 @@ def test_not_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     paths = _write_inputs(tmp_path)
     err = _run_error(["--ckpt", str(bogus), "--input", str(paths["npy"]), "--out", str(tmp_path)], capsys)
     assert "bogus.ckpt" in err and "not a Lightning checkpoint" in err
+
+
+# --- --device ---------------------------------------------------------------------------------
+
+
+def test_explicit_cpu_device_matches_default(checkpoint: Path, tmp_path: Path) -> None:
+    paths = _write_inputs(tmp_path)
+    for name, extra in (("default", []), ("cpu", ["--device", "cpu"]), ("cpu0", ["--device", "cpu:0"])):
+        args = ["--ckpt", str(checkpoint), "--input", str(paths["npy"]), "--out", str(tmp_path / name), *extra]
+        assert main(args) == 0
+    default, cpu, cpu0 = (np.load(tmp_path / n / "scan.npz")["probabilities"] for n in ("default", "cpu", "cpu0"))
+    np.testing.assert_array_equal(default, cpu)
+    np.testing.assert_array_equal(default, cpu0)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda:-1"])
+def test_device_that_is_not_a_torch_device(device: str, checkpoint: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    paths = _write_inputs(tmp_path)
+    err = _run_error(["--ckpt", str(checkpoint), "--input", str(paths["npy"]), "--out", str(tmp_path / "o"),
+                      "--device", device], capsys)
+    assert f"--device {device!r} is not a torch device" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cuda_device_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    paths = _write_inputs(tmp_path)
+    # Checked up front: the device error comes before the (missing) checkpoint is even looked at.
+    err = _run_error(["--ckpt", str(tmp_path / "nope.ckpt"), "--input", str(paths["npy"]), "--out", str(tmp_path / "o"),
+                      "--device", "cuda"], capsys)
+    assert "--device cuda" in err and "CUDA is not available" in err and "--device cpu" in err
+    assert "Traceback" not in err
+
+
+def test_runtime_error_while_sampling_names_the_input(checkpoint: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_sample(self: object, *args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(ProbUNet, "sample", failing_sample)
+    paths = _write_inputs(tmp_path)
+    err = _run_error(["--ckpt", str(checkpoint), "--input", str(paths["npy"]), "--out", str(tmp_path / "o")], capsys)
+    assert f"{paths['npy']}: sampling on cpu failed" in err and "illegal memory access" in err
+
+
+# --- output names -------------------------------------------------------------------------------
+
+
+def test_unique_keys() -> None:
+    assert unique_keys(["x", "y", "x", "x"]) == ["x", "y", "x-1", "x-2"]
+    # a renamed input never takes another input's own name; names equal up to case collide
+    assert unique_keys(["x", "x", "x-1", "X"]) == ["x", "x-2", "x-1", "X-3"]
+    assert unique_keys(["a", "b"]) == ["a", "b"]
+
+
+def test_inputs_with_the_same_name_are_all_written(checkpoint: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = [rng.uniform(0, 1, size=(32, 32)).astype(np.float32) for _ in range(3)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    paths = [tmp_path / "a" / "x.npy", tmp_path / "b" / "x.npy", tmp_path / "x.png"]
+    np.save(paths[0], images[0])
+    np.save(paths[1], images[1])
+    Image.fromarray((images[2] * 255).astype(np.uint8)).save(paths[2])
+    out = tmp_path / "out"
+    assert main(["--ckpt", str(checkpoint), "--num-samples", "2", "--out", str(out), "--input", *map(str, paths)]) == 0
+    assert sorted(p.name for p in out.glob("*.npz")) == ["x-1.npz", "x-2.npz", "x.npz"]
+    assert len(list(out.glob("*.png"))) == 3
+    for key, image in zip(("x", "x-1", "x-2"), images):
+        np.testing.assert_allclose(np.load(out / f"{key}.npz")["image"][0], image, atol=1 / 255 + 1e-6)
+    assert f"{paths[1]} is written as x-1" in capsys.readouterr().err
+
+
+def test_same_data_index_twice_is_written_twice(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["--ckpt", str(checkpoint), "--data-config", str(tiny_config(tmp_path)), "--index", "2", "2",
+                 "--num-samples", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.npz")) == ["synthetic-test-00002-1.npz", "synthetic-test-00002.npz"]
+
+
+def test_write_outputs_positional_signature_and_plot_switch(tmp_path: Path) -> None:
+    image = np.zeros((1, 8, 8), np.float32)
+    logits = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    written = write_outputs(tmp_path / "a", "k", image, logits, None)  # (out, key, image, logits, raters)
+    assert [p.name for p in written] == ["k.npz", "k.png"]
+    written = write_outputs(tmp_path / "b", "k", image, logits, None, plot=False)
+    assert [p.name for p in written] == ["k.npz"] and not (tmp_path / "b" / "k.png").exists()
+
+
+# --- PNG modes and channel counts ---------------------------------------------------------------
+
+
+def _rgb(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+
+
+def _png(tmp_path: Path, mode: str) -> tuple[Path, np.ndarray, int]:
+    """A PNG in Pillow ``mode``; the (C, H, W) array it should load as and its channel count."""
+    from PIL import Image
+
+    rgb = _rgb()
+    gray = rgb[..., 0]
+    if mode == "RGB":
+        img, expected = Image.fromarray(rgb), rgb
+    elif mode == "RGBA":
+        img, expected = Image.fromarray(np.dstack([rgb, np.full_like(gray, 77)])), rgb
+    elif mode == "LA":
+        img, expected = Image.fromarray(np.dstack([gray, np.full_like(gray, 77)])), gray
+    elif mode == "P":  # a colour palette of 4 colours
+        colours = np.array([[255, 0, 0], [0, 200, 0], [0, 0, 100], [10, 20, 30]], dtype=np.uint8)
+        index = rgb[..., 0] % 4
+        img = Image.fromarray(index.astype(np.uint8), mode="L").convert("P")
+        img.putpalette(colours.flatten().tolist())
+        expected = colours[index]
+    elif mode == "P-gray":  # a palette of grays: loads as one channel
+        img, expected = Image.fromarray(gray).convert("P"), gray
+    elif mode == "1":
+        bits = gray > 127
+        img, expected = Image.fromarray(bits), bits.astype(np.uint8) * 255
+    elif mode == "I;16":
+        deep = gray.astype(np.uint16) * 256 + 7  # at most 65287: uses all 16 bits, no overflow
+        img, expected = Image.fromarray(deep), deep.astype(np.float32) * 255 / 65535
+    else:
+        raise AssertionError(mode)
+    path = tmp_path / f"{mode.replace(';', '')}.png"
+    img.save(path)
+    with Image.open(path) as reopened:
+        assert reopened.mode == mode.split("-")[0]
+    expected = expected.astype(np.float32) / 255
+    chw = expected[None] if expected.ndim == 2 else np.moveaxis(expected, -1, 0)
+    return path, chw, chw.shape[0]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "P", "P-gray", "1", "I;16"])
+def test_png_modes(mode: str, tmp_path: Path) -> None:
+    path, expected, channels = _png(tmp_path, mode)
+    image = load_image_file(path, in_channels=channels)
+    assert image.dtype == np.float32
+    np.testing.assert_allclose(image, expected, atol=1e-6)
+    other = 1 if channels == 3 else 3
+    with pytest.raises(InputError, match=f"expects {other} channel\\(s\\) but the image has {channels} "):
+        load_image_file(path, in_channels=other)
+
+
+def test_channel_count_in_error_is_the_real_one(checkpoint: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "hwc.npy"
+    np.save(path, _rgb().astype(np.float32))  # (32, 32, 3)
+    err = _run_error(["--ckpt", str(checkpoint), "--input", str(path), "--out", str(tmp_path / "o")], capsys)
+    assert f"{path}: the model expects 1 channel(s) but the image has 3 " in err
+    path, _, _ = _png(tmp_path, "RGBA")
+    err = _run_error(["--ckpt", str(checkpoint), "--input", str(path), "--out", str(tmp_path / "o")], capsys)
+    assert f"{path}: the model expects 1 channel(s) but the image has 3 " in err
+
+
+@pytest.mark.parametrize(
+    ("shape", "in_channels", "result"),
+    [
+        ((32, 32), 1, (1, 32, 32)),
+        ((1, 32, 32), 1, (1, 32, 32)),
+        ((32, 32, 1), 1, (1, 32, 32)),
+        ((3, 32, 32), 3, (3, 32, 32)),
+        ((32, 32, 3), 3, (3, 32, 32)),
+        ((3, 32, 3), 3, (3, 32, 3)),  # both ends fit: the first axis is the channel axis
+        ((32, 32, 3), 1, 3),
+        ((3, 32, 32), 1, 3),
+        ((4, 32, 5), 3, 4),
+        ((32, 32), 3, 1),
+    ],
+)
+def test_to_chw_channel_axis(shape: tuple[int, ...], in_channels: int, result: tuple[int, ...] | int) -> None:
+    array = np.arange(np.prod(shape), dtype=np.float64).reshape(shape)
+    if isinstance(result, tuple):
+        out = _to_chw(array, in_channels, "img.npy")
+        assert out.shape == result and out.dtype == np.float32
+        if shape[-1] == in_channels and shape[0] != in_channels:
+            np.testing.assert_array_equal(out, np.moveaxis(array, -1, 0))
+    else:
+        with pytest.raises(InputError, match=f"img.npy: .* but the image has {result} "):
+            _to_chw(array, in_channels, "img.npy")
+
+
+# --- every input error names the file as given ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.zeros((30, 30), np.float32), "divisible by 4"),
+        (np.zeros((2, 32, 32), np.float32), "expects 1 channel"),
+        (np.full((32, 32), np.inf, np.float32), "NaN or infinite"),
+        (np.zeros((2, 2, 32, 32), np.float32), "expected a 2D image"),
+        (np.zeros((32, 32), bool), "numeric image data"),
+    ],
+)
+def test_input_errors_name_the_file_as_given(array: np.ndarray, message: str, checkpoint: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("sub").mkdir()
+    np.save("sub/y.npy", array)
+    err = _run_error(["--ckpt", str(checkpoint), "--input", "./sub//y.npy", "--out", "o"], capsys)
+    assert "./sub//y.npy: " in err and message in err
+
+
+def test_data_config_errors_name_split_and_index(checkpoint: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    config = tiny_config(tmp_path)
+    err = _run_error(["--ckpt", str(checkpoint), "--data-config", str(config), "--index", "0", "99",
+                      "--out", str(tmp_path / "o")], capsys)
+    assert f"{config} split test index 99: index 99 is out of range" in err
+
+
+# --- lazy imports ----------------------------------------------------------------------------------
+
+
+def test_parser_does_not_import_torch_or_numpy() -> None:
+    code = (
+        "import sys; from probseg.sampling import build_parser; build_parser(); "
+        "print('torch' in sys.modules, 'numpy' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_sample_help_does_not_import_torch(capsys: pytest.CaptureFixture[str]) -> None:
+    code = (
+        "import sys\nfrom probseg.cli import main\ntry:\n    main(['sample', '-h'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, 'numpy' in sys.modules, file=sys.stderr)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert "--device" in result.stdout
+    assert result.stderr.split() == ["False", "False"]

@@ -1,7 +1,6 @@
 """Rater fusion: how the R rater masks of an image become the training target.
 
-For now this holds the PU-Net convention (one rater drawn per image per step). Soft fusions
-(majority vote, mean, Dice-weighted mean, label smoothing) live here too.
+It holds the PU-Net convention: one rater drawn per image per step.
 """
 
 from __future__ import annotations

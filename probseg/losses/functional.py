@@ -48,7 +48,14 @@ def cross_entropy(
             f"target of shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}: "
             "expected (B, H, W) class ids or (B, K, H, W) probabilities"
         )
-    target = target.long() if target.ndim == 3 else target.to(logits.dtype)
+    if target.ndim == 3:
+        if target.is_floating_point() and not bool((target == target.round()).all()):
+            raise TypeError(
+                "a (B, H, W) target must hold class ids; give soft labels as (B, K, H, W) probabilities"
+            )
+        target = target.long()
+    else:
+        target = target.to(logits.dtype)
     per_pixel = F.cross_entropy(logits, target, reduction="none")  # (B, H, W)
     if pixel_reduction == "sum":
         per_image = per_pixel.flatten(1).sum(1)

@@ -46,6 +46,12 @@ class ProbSegModel(pl.LightningModule):
         num_predict_samples: int = 16,
     ) -> None:
         super().__init__()
+        if type(self) is ProbSegModel:
+            from probseg.models.registry import MODELS
+
+            raise TypeError(
+                "ProbSegModel is the base class; choose a zoo model, e.g. one of: " + ", ".join(sorted(MODELS))
+            )
         if in_channels < 1:
             raise ValueError(f"in_channels must be positive, got {in_channels}")
         if num_classes < 2:
@@ -58,8 +64,14 @@ class ProbSegModel(pl.LightningModule):
 
     # --- what a model implements -------------------------------------------------------------
 
-    def loss_terms(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Named, weighted scalar loss terms of a batch; their sum is the training loss."""
+    def loss_terms(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Named, weighted scalar loss terms of a batch; their sum is the training loss.
+
+        Args:
+            batch: a batch dict (see :mod:`probseg.data.base`).
+            generator: source of every random draw (rater choice, latent samples); None uses
+                torch's global RNG, which Lightning seeds.
+        """
         raise NotImplementedError
 
     def sample(
@@ -83,9 +95,9 @@ class ProbSegModel(pl.LightningModule):
         """Alias of :meth:`sample`: (B, C, H, W) -> (B, S, K, H, W) logits."""
         return self.sample(images, num_samples)
 
-    def training_target(self, batch: dict[str, Any]) -> torch.Tensor:
+    def training_target(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """The mask the model learns from in this step: one rater per image, drawn at random."""
-        return random_rater(batch["masks"], batch.get("rater_mask"))
+        return random_rater(batch["masks"], batch.get("rater_mask"), generator)
 
     def check_batch(self, batch: dict[str, Any]) -> None:
         """Raise a clear error when a batch does not follow the library's batch format."""
@@ -101,10 +113,30 @@ class ProbSegModel(pl.LightningModule):
             raise ValueError(
                 f"batch['masks'] must be (B, R, H, W) matching image {tuple(image.shape)}, got {tuple(masks.shape)}"
             )
+        if masks.is_floating_point() or masks.dtype == torch.bool:
+            raise TypeError(f"batch['masks'] must hold integer class ids, got dtype {masks.dtype}")
+        low, high = int(masks.min()), int(masks.max())
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(
+                f"batch['masks'] holds class ids in [{low}, {high}], outside [0, {self.num_classes - 1}] "
+                f"for num_classes={self.num_classes}"
+            )
+        rater_mask = batch.get("rater_mask")
+        if rater_mask is not None and (rater_mask.shape != masks.shape[:2] or rater_mask.dtype != torch.bool):
+            raise ValueError(
+                f"batch['rater_mask'] must be a (B, R) = {tuple(masks.shape[:2])} bool tensor, got "
+                f"{tuple(rater_mask.shape)} {rater_mask.dtype}"
+            )
 
-    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+    def _step(self, batch: dict[str, Any], stage: str, batch_idx: int) -> torch.Tensor:
         self.check_batch(batch)
-        terms = self.loss_terms(batch)
+        generator = None
+        if stage != "train":
+            # Evaluation draws from its own generator, seeded per batch: val/loss is the same for
+            # the same weights (fair checkpoint selection), and validating does not consume the
+            # training RNG, so validation settings never change the training run.
+            generator = torch.Generator(device=batch["image"].device).manual_seed(batch_idx)
+        terms = self.loss_terms(batch, generator)
         loss = torch.stack(list(terms.values())).sum()
         on_step = stage == "train"
         logged = {f"{stage}/{name}": value.detach() for name, value in terms.items()}
@@ -115,13 +147,13 @@ class ProbSegModel(pl.LightningModule):
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train", batch_idx)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
+        return self._step(batch, "val", batch_idx)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "test")
+        return self._step(batch, "test", batch_idx)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         samples = self.sample(batch["image"], self.num_predict_samples)
@@ -135,6 +167,11 @@ class ProbSegModel(pl.LightningModule):
 
         from probseg.models.registry import MODELS
 
+        if not self.hparams:
+            raise RuntimeError(
+                f"{type(self).__qualname__} saved no hyperparameters: call self.save_hyperparameters() "
+                "in __init__ so probseg.load_model can rebuild it"
+            )
         cls = type(self)
         # A subclass inherits registry_name; only a registered class may claim its name.
         registered = MODELS.get(self.registry_name) is cls

@@ -71,13 +71,14 @@ class ProbUNet(ProbSegModel):
         """KL(q || p) per image, (B,), in closed form."""
         return kl_divergence(posterior, prior)
 
-    def loss_terms(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def loss_terms(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         images = batch["image"]
-        target = self.training_target(batch)
+        target = self.training_target(batch, generator)
         features = self.unet(images)
         posterior = self.posterior(images, target)
         prior = self.prior(images)
-        logits = self.fcomb(features, posterior.rsample())
+        z = sample_set(posterior, 1, generator)[:, 0]  # reparameterized: gradients reach q
+        logits = self.fcomb(features, z)
         return {
             "rec": cross_entropy(logits, target, reduction="mean"),
             "kl": self.beta * self.kl(posterior, prior).mean(),

@@ -139,3 +139,11 @@ def test_reduce_batch() -> None:
     assert reduce_batch(v, "sum").item() == 9.0
     with pytest.raises(ValueError, match="none"):
         reduce_batch(v, "median")
+
+
+def test_fractional_float_ids_are_refused_not_truncated() -> None:
+    logits = torch.zeros(1, 2, 4, 4)
+    with pytest.raises(TypeError, match=r"\(B, K, H, W\) probabilities"):
+        cross_entropy(logits, torch.full((1, 4, 4), 0.7))
+    # integer-valued floats are class ids
+    torch.testing.assert_close(cross_entropy(logits, torch.ones(1, 4, 4)), cross_entropy(logits, torch.ones(1, 4, 4, dtype=torch.long)))

@@ -10,6 +10,7 @@ import torch
 from torch.distributions import Independent, Normal
 
 from probseg.data import SyntheticDataModule
+import probseg.models.punet as punet_module
 from probseg.models import ProbUNet
 
 SIZE = 32
@@ -115,11 +116,11 @@ def test_rec_is_pixel_summed_batch_averaged_cross_entropy_of_the_posterior_sampl
     z = torch.tensor([[0.7, -1.2, 0.3], [-0.4, 0.9, 1.5]])
     calls: list[torch.Tensor] = []
 
-    def fixed_rsample(self: Independent, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
-        calls.append(self.base_dist.loc.detach().clone())
-        return z
+    def fixed_sample_set(dist: Independent, num_samples: int, generator=None) -> torch.Tensor:
+        calls.append(dist.base_dist.loc.detach().clone())
+        return z[:, None].expand(-1, num_samples, -1)
 
-    monkeypatch.setattr(Independent, "rsample", fixed_rsample)
+    monkeypatch.setattr(punet_module, "sample_set", fixed_sample_set)
     terms = model.loss_terms(batch)
     monkeypatch.undo()
 

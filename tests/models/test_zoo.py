@@ -1,0 +1,78 @@
+"""One parametrized test over every registered model: build, loss, sample, checkpoint round trip.
+
+A new model joins by adding tiny constructor arguments to TINY_ARGS; the test fails for a
+registered model that has none, so no model escapes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import probseg
+from probseg.data import SyntheticDataModule
+from probseg.models import MODELS
+from tests.conftest import TINY_PUNET
+
+TINY_ARGS = {"punet": TINY_PUNET}
+
+
+def _batch(b: int = 2, r: int = 3, size: int = 32) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.rand(b, 1, size, size, generator=g),
+        "masks": torch.randint(0, 2, (b, r, size, size), generator=g),
+        "rater_mask": torch.ones(b, r, dtype=torch.bool),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registered_model(name: str, tmp_path: Path) -> None:
+    assert name in TINY_ARGS, f"add tiny constructor arguments for {name!r} to TINY_ARGS"
+    torch.manual_seed(0)
+    model = MODELS[name](**TINY_ARGS[name])
+    assert model.registry_name == name
+
+    terms = model.loss_terms(_batch())
+    assert terms and all(v.ndim == 0 and torch.isfinite(v) for v in terms.values())
+    torch.stack(list(terms.values())).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+    samples = model.sample(_batch()["image"], 4)
+    assert samples.shape == (2, 4, model.num_classes, 32, 32)
+
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         limit_val_batches=0)
+    trainer.fit(model, datamodule=SyntheticDataModule(image_size=32, num_train=4, num_val=2, num_test=2, batch_size=4))
+    path = tmp_path / f"{name}.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = probseg.load_model(path)
+    assert type(loaded) is type(model)
+    x = _batch()["image"]
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.sample(x, 2, generator=g1), model.eval().sample(x, 2, generator=g2))
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda b: b.update(masks=b["masks"] + 1), ValueError, r"class ids in \[1, 2\]"),
+        (lambda b: b.update(masks=b["masks"] - 1), ValueError, r"outside \[0, 1\]"),
+        (lambda b: b.update(masks=b["masks"].float()), TypeError, "integer class ids"),
+        (lambda b: b.update(rater_mask=torch.ones(2, 2, dtype=torch.bool)), ValueError, "rater_mask"),
+        (lambda b: b.update(rater_mask=torch.ones(2, 3)), ValueError, "rater_mask"),
+        (lambda b: b.pop("masks"), KeyError, "masks"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_bad_batches_give_clear_errors(change, error: type, match: str) -> None:
+    model = MODELS["punet"](**TINY_ARGS["punet"])
+    batch = _batch()
+    change(batch)
+    with pytest.raises(error, match=match):
+        model.training_step(batch, 0)
