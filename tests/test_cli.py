@@ -15,7 +15,7 @@ import yaml
 
 import probseg
 from probseg.cli import build_cli, main, resolve_model_names
-from probseg.models import ProbUNet
+from probseg.models import MODELS, ProbUNet
 from tests.conftest import TINY_PUNET
 from tests.helpers import tiny_config
 
@@ -87,6 +87,40 @@ def test_fit_then_test_through_console_script(tmp_path: Path) -> None:
     )
     assert test.returncode == 0, test.stderr[-3000:]
     assert "test/loss" in test.stdout
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_trains_checkpoints_reloads_and_samples_through_the_cli(name: str, tmp_path: Path) -> None:
+    from tests.models.test_zoo import TINY_ARGS
+
+    config = tiny_config(tmp_path, model={"class_path": name, "init_args": TINY_ARGS[name]}, max_steps=2)
+    assert main(["fit", "--config", str(config), "--wandb", "disabled"]) == 0
+    model = probseg.load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert type(model) is MODELS[name]
+    assert model.sample(torch.rand(3, 1, 32, 32), 4).shape == (3, 4, 2, 32, 32)
+    keys = _metric_keys(tmp_path)
+    assert {"train/loss", "train/rec", "train/kl", "val/loss"} <= keys
+    if name == "csae":
+        assert {"train/sinkhorn", "val/sinkhorn"} <= keys
+
+
+@pytest.mark.parametrize(
+    ("name", "option", "value", "message"),
+    [
+        ("csae", "num_ot_samples", "0", "num_ot_samples"),
+        ("csae", "gamma", "-1", "gamma must be non-negative"),
+        ("planar", "kl_samples", "0", "kl_samples"),
+        ("punet", "beta", "-0.5", "beta must be non-negative"),
+    ],
+)
+def test_bad_model_configuration_fails_before_training(name: str, option: str, value: str, message: str,
+                                                        tmp_path: Path) -> None:
+    from tests.models.test_zoo import TINY_ARGS
+
+    config = tiny_config(tmp_path, model={"class_path": name, "init_args": TINY_ARGS[name]})
+    with pytest.raises((ValueError, TypeError), match=message):
+        main(["fit", "--config", str(config), "--wandb", "disabled", f"--model.init_args.{option}", value])
+    assert not (tmp_path / "run" / "checkpoints").exists(), "nothing may be trained or written"
 
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")

@@ -2,10 +2,12 @@
 
 from probseg.layers.blocks import DownPath, conv_block
 from probseg.layers.combiner import Combiner
+from probseg.layers.flows import AmortizedPlanarFlow, planar_step
 from probseg.layers.gaussian import GaussianEncoder, PosteriorEncoder, PriorEncoder
 from probseg.layers.unet import UNet, check_image
 
 __all__ = [
+    "AmortizedPlanarFlow",
     "Combiner",
     "DownPath",
     "GaussianEncoder",
@@ -14,4 +16,5 @@ __all__ = [
     "UNet",
     "check_image",
     "conv_block",
+    "planar_step",
 ]

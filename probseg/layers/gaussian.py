@@ -102,8 +102,12 @@ class PosteriorEncoder(GaussianEncoder):
         super().__init__(image_channels + num_classes, num_filters, convs_per_block, latent_dim, log_sigma_bound)
         self.num_classes = num_classes
 
+    def features(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Pooled features of image and mask, (B, feature_dim). Flow heads amortize from these."""
+        return self.encode(torch.cat([image, self.mask_channels(mask, image)], dim=1))
+
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> Independent:  # type: ignore[override]
-        return self.distribution(self.encode(torch.cat([image, self.mask_channels(mask, image)], dim=1)))
+        return self.distribution(self.features(image, mask))
 
     def mask_channels(self, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """(B, H, W) class ids -> (B, K, H, W) one-hot in the image dtype; (B, K, H, W) passes through."""

@@ -1,7 +1,18 @@
 """The zoo: :data:`MODELS` maps registry names to LightningModule classes."""
 
 from probseg.models.base import ProbSegModel
+from probseg.models.csae import ConditionalSinkhornAutoencoder
+from probseg.models.planar import PlanarProbUNet
 from probseg.models.punet import ProbUNet
 from probseg.models.registry import MODELS, class_path, get_model_class, register_model
 
-__all__ = ["MODELS", "ProbSegModel", "ProbUNet", "class_path", "get_model_class", "register_model"]
+__all__ = [
+    "MODELS",
+    "ConditionalSinkhornAutoencoder",
+    "PlanarProbUNet",
+    "ProbSegModel",
+    "ProbUNet",
+    "class_path",
+    "get_model_class",
+    "register_model",
+]

@@ -60,6 +60,8 @@ class ProbUNet(ProbSegModel):
     ) -> None:
         super().__init__(in_channels, num_classes, lr, weight_decay, num_predict_samples)
         self.save_hyperparameters()
+        if beta < 0:
+            raise ValueError(f"beta must be non-negative, got {beta}")
         num_filters = list(num_filters)
         self.beta = beta
         self.unet = UNet(in_channels, num_filters, convs_per_block)
@@ -71,11 +73,18 @@ class ProbUNet(ProbSegModel):
         """KL(q || p) per image, (B,), in closed form."""
         return kl_divergence(posterior, prior)
 
-    def loss_terms(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def encode_batch(
+        self, batch: dict[str, Any], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What every training step starts from: images, the drawn rater's target (B, H, W), the
+        U-Net features (B, F, H, W) and the posterior encoder's features (B, feature_dim)."""
         images = batch["image"]
         target = self.training_target(batch, generator)
-        features = self.unet(images)
-        posterior = self.posterior(images, target)
+        return images, target, self.unet(images), self.posterior.features(images, target)
+
+    def loss_terms(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        images, target, features, q_features = self.encode_batch(batch, generator)
+        posterior = self.posterior.distribution(q_features)
         prior = self.prior(images)
         z = sample_set(posterior, 1, generator)[:, 0]  # reparameterized: gradients reach q
         logits = self.fcomb(features, z)

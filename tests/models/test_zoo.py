@@ -17,7 +17,11 @@ from probseg.data import SyntheticDataModule
 from probseg.models import MODELS
 from tests.conftest import TINY_PUNET
 
-TINY_ARGS = {"punet": TINY_PUNET}
+TINY_ARGS = {
+    "punet": TINY_PUNET,
+    "planar": {**TINY_PUNET, "kl_samples": 2},
+    "csae": {**TINY_PUNET, "num_ot_samples": 4},
+}
 
 
 def _batch(b: int = 2, r: int = 3, size: int = 32) -> dict:
