@@ -115,7 +115,7 @@ class ProbSegModel(pl.LightningModule):
             )
         if masks.is_floating_point() or masks.dtype == torch.bool:
             raise TypeError(f"batch['masks'] must hold integer class ids, got dtype {masks.dtype}")
-        low, high = int(masks.min()), int(masks.max())
+        low, high = torch.stack(torch.aminmax(masks)).tolist()  # one reduction, one host sync
         if low < 0 or high >= self.num_classes:
             raise ValueError(
                 f"batch['masks'] holds class ids in [{low}, {high}], outside [0, {self.num_classes - 1}] "
