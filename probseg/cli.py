@@ -3,6 +3,8 @@
 * ``probseg fit|validate|test|predict --config CFG``: Lightning's CLI. The model is chosen in YAML
   by registry name (``model: punet`` or ``class_path: punet``), class name or import path.
 * ``probseg sample --ckpt PATH ...``: draw hypotheses from a checkpoint (see ``probseg sample -h``).
+* ``probseg results RUN_DIR ...``: gather the ``test_results.csv`` of several runs into one
+  Markdown table (see ``probseg results -h``).
 * ``probseg models``: list the registered models.
 
 Logging defaults: a CSVLogger (``{default_root_dir}/logs``) and W&B in offline mode
@@ -29,6 +31,7 @@ commands:
   test       evaluate on the test split
   predict    draw hypotheses for the predict split
   sample     draw hypotheses from a checkpoint and write .npz files and PNG grids
+  results    gather test results of several runs into one table (the cSAE paper's Table 1)
   models     list the registered models
 
 Run 'probseg <command> --help' for the options of a command.
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         from probseg.sampling import main as sample_main
 
         return sample_main(args[1:])
+    if command == "results":
+        return results_main(args[1:])
     if command == "models":
         from probseg.models import MODELS, class_path
 
@@ -66,6 +71,35 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def results_main(argv: list[str]) -> int:
+    """``probseg results``: print (and optionally write) the gathered results table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="probseg results",
+        description="Gather the test_results.csv written by `probseg test` (files, or run folders searched "
+        "recursively) into one Markdown table: one row per model run and one oracle row per dataset.",
+    )
+    parser.add_argument("paths", nargs="+", help="results files or run folders")
+    parser.add_argument("--all-metrics", action="store_true",
+                        help="every metric (default: the paper's Table 1: 1-IoU, 1-Dice, Hausdorff, CE, Gini)")
+    parser.add_argument("--out", help="also write the table to this Markdown file")
+    args = parser.parse_args(argv)
+    from probseg.results import gather
+
+    try:
+        table = gather(args.paths, table1=not args.all_metrics)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"probseg results: {err}", file=sys.stderr)
+        return 1
+    print(table, end="")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table)
+        print(f"written: {args.out}")
+    return 0
+
+
 def run_lightning(args: list[str]) -> Any:
     """Run Lightning's CLI on ``args`` (subcommand first), registry names resolved."""
     written: list[Path] = []
@@ -74,6 +108,10 @@ def run_lightning(args: list[str]) -> Any:
     finally:
         for path in written:
             path.unlink(missing_ok=True)
+        # Close the W&B run, so a later command in the same process (a notebook) starts its own.
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()
 
 
 def build_cli(args: list[str], run: bool = True) -> Any:

@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import probseg.data  # noqa: F401  (registers data modules for short class names)
 import probseg.models  # noqa: F401  (registers zoo models for short class names)
-from probseg.callbacks import FitSummary, HypothesisWriter, RunCheckpoint
+from probseg.callbacks import EvaluationCallback, FitSummary, GiniCallback, HypothesisWriter, RunCheckpoint
 from probseg.data.base import ProbSegDataModule
 from probseg.models.base import ProbSegModel
 
@@ -60,8 +60,10 @@ class ProbSegCLI(LightningCLI):
             isinstance(c, ModelCheckpoint) for c in callbacks
         ):
             callbacks.append(RunCheckpoint())
-        if not any(isinstance(c, FitSummary) for c in callbacks):
-            callbacks.append(FitSummary())
+        # Evaluation metrics and the Gini curve are part of every run unless configured otherwise.
+        for default in (EvaluationCallback, GiniCallback, FitSummary):
+            if not any(isinstance(c, default) for c in callbacks):
+                callbacks.append(default())
         if not any(isinstance(c, BasePredictionWriter) for c in callbacks):
             callbacks.append(HypothesisWriter())
         kwargs["callbacks"] = callbacks

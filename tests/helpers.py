@@ -27,6 +27,7 @@ def tiny_config(root: Path, model: object = "punet", max_steps: int = 4, **train
             **trainer,
         },
     }
+    root.mkdir(parents=True, exist_ok=True)
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -15,7 +15,9 @@ import yaml
 
 import probseg
 from probseg.cli import build_cli, main, resolve_model_names
+from probseg.metrics import METRIC_NAMES
 from probseg.models import MODELS, ProbUNet
+from probseg.results import read_results
 from tests.conftest import TINY_PUNET
 from tests.helpers import tiny_config
 
@@ -102,6 +104,13 @@ def test_every_model_trains_checkpoints_reloads_and_samples_through_the_cli(name
     assert {"train/loss", "train/rec", "train/kl", "val/loss"} <= keys
     if name == "csae":
         assert {"train/sinkhorn", "val/sinkhorn"} <= keys
+    # The default evaluation and Gini callbacks run for every zoo model.
+    assert {f"val/{m}" for m in METRIC_NAMES} | {"train/gini"} <= keys
+    assert main(["test", "--config", str(config), "--wandb", "disabled",
+                 "--ckpt_path", str(tmp_path / "run" / "checkpoints" / "last.ckpt")]) == 0
+    rows = read_results(tmp_path / "run" / "results" / "test_results.csv")
+    assert [(r["model"], r["source"], r["num_images"]) for r in rows] == [(name, "model", 8), (name, "oracle", 8)]
+    assert all(0 <= rows[0][f"{m}_mean"] for m in METRIC_NAMES)
 
 
 @pytest.mark.parametrize(

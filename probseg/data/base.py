@@ -1,7 +1,10 @@
 """Base LightningDataModule: batching, loaders and the batch format every zoo model reads.
 
 Batches are dicts: ``image`` (B, C, H, W) float, ``masks`` (B, R, H, W) long class ids,
-``rater_mask`` (B, R) bool and ``id`` (list of B strings).
+``rater_mask`` (B, R) bool, ``id`` (list of B strings) and ``index`` (B,) long, each image's
+position in its split. Evaluation seeds each image's hypotheses by ``index`` and counts each
+index once, so metrics do not depend on batching or on the number of processes (DDP pads uneven
+splits with repeated items).
 """
 
 from __future__ import annotations

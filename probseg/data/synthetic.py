@@ -71,7 +71,7 @@ class SyntheticDataset(Dataset):
         boundary_probs: probabilities of the boundary offsets -1, 0, +1 pixel.
 
     Items are dicts: ``image`` (1, H, W) float32, ``masks`` (R, H, W) int64 in {0, 1},
-    ``rater_mask`` (R,) bool, ``id`` str.
+    ``rater_mask`` (R,) bool, ``id`` str, ``index`` int (position in the split).
     """
 
     def __init__(
@@ -226,6 +226,7 @@ class SyntheticDataset(Dataset):
             "masks": torch.from_numpy(masks),
             "rater_mask": torch.from_numpy(present),
             "id": f"synthetic-{self.split}-{index:05d}",
+            "index": index,
         }
 
 

@@ -7,6 +7,8 @@ mean and log standard deviation of an L-dimensional Normal with diagonal covaria
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +16,9 @@ from torch.distributions import Independent, Normal
 
 from probseg.layers.blocks import DownPath
 from probseg.layers.unet import check_image
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""A torch.Generator, one generator per image of the batch, or None (torch's global RNG)."""
 
 
 class GaussianEncoder(nn.Module):
@@ -128,9 +133,7 @@ class PosteriorEncoder(GaussianEncoder):
         return mask.to(image.dtype)
 
 
-def sample_set(
-    distribution: Independent, num_samples: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def sample_set(distribution: Independent, num_samples: int, generator: Generators = None) -> torch.Tensor:
     """Reparameterized draws from a diagonal Normal with the set axis after the batch axis.
 
     Unlike ``distribution.rsample((S,))`` this accepts a torch.Generator and returns (B, S, L).
@@ -138,7 +141,10 @@ def sample_set(
     Args:
         distribution: ``Independent(Normal(mu, sigma), 1)`` with batch (B,) and event (L,).
         num_samples: S.
-        generator: optional torch.Generator on the distribution's device.
+        generator: optional torch.Generator on the distribution's device, or a sequence of B
+            generators, one per image: image b's draws then depend on its own generator only,
+            not on the batch it sits in (evaluation seeds them by dataset index, so results do
+            not depend on batching or on the number of processes).
 
     Returns:
         (B, S, L) samples ``mu + sigma * eps``.
@@ -147,5 +153,12 @@ def sample_set(
         raise ValueError(f"num_samples must be positive, got {num_samples}")
     base = distribution.base_dist
     mu, sigma = base.loc, base.scale
-    eps = torch.randn((mu.shape[0], num_samples, mu.shape[-1]), generator=generator, device=mu.device, dtype=mu.dtype)
+    shape = (mu.shape[0], num_samples, mu.shape[-1])
+    if generator is None or isinstance(generator, torch.Generator):
+        eps = torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    else:
+        generators = list(generator)
+        if len(generators) != mu.shape[0]:
+            raise ValueError(f"got {len(generators)} generators for a batch of {mu.shape[0]} images")
+        eps = torch.stack([torch.randn(shape[1:], generator=g, device=mu.device, dtype=mu.dtype) for g in generators])
     return mu.unsqueeze(1) + sigma.unsqueeze(1) * eps

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from probseg.data.fusion import random_rater
+from probseg.layers.gaussian import Generators
 
 CHECKPOINT_KEY = "probseg"
 """Key of the metadata dict a zoo checkpoint carries (model name, class path, version)."""
@@ -75,19 +76,25 @@ class ProbSegModel(pl.LightningModule):
         raise NotImplementedError
 
     def sample(
-        self, images: torch.Tensor, num_samples: int = 16, generator: torch.Generator | None = None
+        self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None
     ) -> torch.Tensor:
         """Draw segmentation hypotheses.
 
         Args:
             images: (B, C, H, W).
             num_samples: S.
-            generator: optional torch.Generator for reproducible draws.
+            generator: optional torch.Generator for reproducible draws, or one generator per
+                image (then each image's hypotheses do not depend on the batch it sits in).
 
         Returns:
             (B, S, K, H, W) logits.
         """
         raise NotImplementedError
+
+    def prior_sigmas(self, images: torch.Tensor) -> torch.Tensor | None:
+        """Singular values of the prior p(z|x), (B, L), for the Gini index; None for a model
+        without a latent prior."""
+        return None
 
     # --- shared plumbing ---------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from probseg.layers import AmortizedPlanarFlow
-from probseg.layers.gaussian import sample_set
+from probseg.layers.gaussian import Generators, sample_set
 from probseg.losses.functional import cross_entropy
 from probseg.models.punet import ProbUNet
 from probseg.models.registry import register_model
@@ -128,7 +128,7 @@ class ConditionalSinkhornAutoencoder(ProbUNet):
         }
 
     def sample(
-        self, images: torch.Tensor, num_samples: int = 16, generator: torch.Generator | None = None
+        self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None
     ) -> torch.Tensor:
         if not self.sample_through_prior_flow:
             return super().sample(images, num_samples, generator)

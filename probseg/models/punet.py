@@ -21,7 +21,7 @@ import torch
 from torch.distributions import Independent, kl_divergence
 
 from probseg.layers import Combiner, PosteriorEncoder, PriorEncoder, UNet
-from probseg.layers.gaussian import sample_set
+from probseg.layers.gaussian import Generators, sample_set
 from probseg.losses.functional import cross_entropy
 from probseg.models.base import ProbSegModel
 from probseg.models.registry import register_model
@@ -93,8 +93,12 @@ class ProbUNet(ProbSegModel):
             "kl": self.beta * self.kl(posterior, prior).mean(),
         }
 
+    def prior_sigmas(self, images: torch.Tensor) -> torch.Tensor:
+        """The prior is axis-aligned, so its singular values are its standard deviations (B, L)."""
+        return self.prior(images).base_dist.scale
+
     def sample(
-        self, images: torch.Tensor, num_samples: int = 16, generator: torch.Generator | None = None
+        self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None
     ) -> torch.Tensor:
         features = self.unet(images)
         z = sample_set(self.prior(images), num_samples, generator)

@@ -90,7 +90,7 @@ def test_same_seed_gives_identical_items_and_different_seed_differs() -> None:
 def test_item_format() -> None:
     ds = SyntheticDataset(3, split="val", image_size=SIZE, num_raters=5, seed=1)
     item = ds[2]
-    assert set(item) == {"image", "masks", "rater_mask", "id"}
+    assert set(item) == {"image", "masks", "rater_mask", "id", "index"}
     assert item["image"].shape == (1, SIZE, SIZE) and item["image"].dtype == torch.float32
     assert item["masks"].shape == (5, SIZE, SIZE) and item["masks"].dtype == torch.int64
     assert set(item["masks"].unique().tolist()) <= {0, 1}
@@ -99,6 +99,7 @@ def test_item_format() -> None:
     assert item["rater_mask"].all()
     assert isinstance(item["id"], str) and "val" in item["id"]
     assert len({ds[i]["id"] for i in range(3)}) == 3
+    assert item["index"] == 2
     assert len(ds) == 3
 
 

@@ -1,0 +1,181 @@
+"""Evaluation at validation and test end: hypotheses drawn, metrics updated, values logged.
+
+The maths lives in :mod:`probseg.metrics`; this callback draws the hypotheses, feeds them to a
+:class:`~probseg.metrics.HypothesisMetrics` and logs the results as ``"{stage}/{name}"``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from probseg.metrics import HypothesisMetrics
+from probseg.metrics.functional import KERNELS
+from probseg.results import summarize, write_results
+
+_SPLIT = {"val": "val", "test": "test"}
+
+
+def per_image_generators(index: torch.Tensor, seed: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per image, seeded by (seed, dataset index): an image's hypotheses are the
+    same whatever batch or process it lands in."""
+    return [torch.Generator(device=device).manual_seed((seed << 32) + int(i)) for i in index.tolist()]
+
+
+def draw_generators(batch: dict[str, Any], seed: int, batch_idx: int, device: torch.device) -> Any:
+    """Per-image generators when the batch carries ``index``, else one seeded by the batch."""
+    index = batch.get("index")
+    if index is not None:
+        return per_image_generators(torch.as_tensor(index), seed, device)
+    return torch.Generator(device=device).manual_seed((seed << 32) + batch_idx)
+
+
+def dataset_name(datamodule: Any) -> str:
+    """A short dataset label for tables: ``SyntheticDataModule`` -> ``synthetic``."""
+    if datamodule is None:
+        return ""
+    name = getattr(datamodule, "dataset_name", None) or type(datamodule).__name__
+    return str(name).removesuffix("DataModule").lower()
+
+
+class EvaluationCallback(Callback):
+    """Log the evaluation metrics of ``N_eval`` hypotheses per image at validation and test end.
+
+    Logged keys (``stage`` = val or test): ``hm_iou``, ``hm_dice``, ``hm_hausdorff``, ``hm_ce``
+    (Hungarian-matched empirical Wasserstein metric per kernel), ``ged``, ``diversity``, ``ece``,
+    ``bdice`` and ``gini`` (prior singular values; models with a latent prior). When the data
+    module can sample its true rater distribution (``sample_oracle``, e.g. the synthetic data),
+    the same metrics of ``N_eval`` oracle draws are logged as ``"{stage}/oracle_{name}"``: the
+    best achievable on that data. At test end a results table (CSV, Markdown) and per-image
+    values are written to ``results_dir``.
+
+    Hypotheses of image i are drawn from a generator seeded by (seed, i), i = ``batch["index"]``,
+    and each index counts once: the numbers do not depend on batching, on the number of
+    processes, or on DDP's padding of uneven splits.
+
+    Args:
+        num_samples: N_eval hypotheses per image (the cSAE paper: 16).
+        kernels: kernels of the Hungarian-matched metric.
+        oracle: also evaluate the data's oracle sampler when it has one.
+        every_n_epochs: evaluate at every n-th validation epoch during fit (test: always).
+        seed: seed of the hypotheses.
+        num_bins: ECE bins.
+        self_pairs: GED and diversity include i = j pairs (published convention).
+        results_dir: folder of the test results (default ``{default_root_dir}/results``).
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 16,
+        kernels: Sequence[str] = KERNELS,
+        oracle: bool = True,
+        every_n_epochs: int = 1,
+        seed: int = 0,
+        num_bins: int = 15,
+        self_pairs: bool = True,
+        results_dir: str | None = None,
+    ) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be positive, got {every_n_epochs}")
+        unknown = [k for k in kernels if k not in KERNELS]
+        if unknown:
+            raise ValueError(f"unknown kernels {unknown}; expected a subset of {KERNELS}")
+        self.num_samples = num_samples
+        self.kernels = tuple(kernels)
+        self.oracle = oracle
+        self.every_n_epochs = every_n_epochs
+        self.seed = seed
+        self.num_bins = num_bins
+        self.self_pairs = self_pairs
+        self.results_dir = results_dir
+        self._metrics: dict[str, HypothesisMetrics] = {}
+        self.last_results: list[dict] = []
+
+    # --- hooks -------------------------------------------------------------------------------
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._due(trainer):
+            self._update(trainer, pl_module, batch, batch_idx, "val")
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                          batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._update(trainer, pl_module, batch, batch_idx, "test")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._due(trainer):
+            self._log(pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        per_image = {source: self._metrics[f"test/{source}"].per_image()
+                     for source in ("model", "oracle") if f"test/{source}" in self._metrics}
+        self._log(pl_module, "test")
+        if per_image and trainer.is_global_zero:
+            self._write(trainer, pl_module, per_image)
+
+    # --- work --------------------------------------------------------------------------------
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        if trainer.sanity_checking:
+            return False
+        return not trainer.state.fn == "fit" or (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _metric(self, key: str, pl_module: pl.LightningModule, gini: bool) -> HypothesisMetrics:
+        if key not in self._metrics:
+            self._metrics[key] = HypothesisMetrics(
+                num_classes=pl_module.num_classes, kernels=self.kernels, gini=gini,
+                num_bins=self.num_bins, self_pairs=self.self_pairs,
+            ).to(pl_module.device)
+        return self._metrics[key]
+
+    @torch.no_grad()
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
+        images, masks = batch["image"], batch["masks"]
+        rater_mask, index = batch.get("rater_mask"), batch.get("index")
+        index = None if index is None else torch.as_tensor(index)
+        generators = draw_generators(batch, self.seed, batch_idx, images.device)
+        logits = pl_module.sample(images, self.num_samples, generator=generators)
+        sigma = pl_module.prior_sigmas(images)
+        metric = self._metric(f"{stage}/model", pl_module, gini=sigma is not None)
+        metric.update(logits.float().softmax(dim=2), masks, rater_mask, index, None if sigma is None else sigma.float())
+        oracle = getattr(trainer.datamodule, "sample_oracle", None) if self.oracle else None
+        if oracle is not None and index is not None:
+            draws = torch.stack([oracle(int(i), self.num_samples, split=_SPLIT[stage]) for i in index.tolist()])
+            probs = torch.nn.functional.one_hot(draws.to(images.device), pl_module.num_classes)
+            self._metric(f"{stage}/oracle", pl_module, gini=False).update(
+                probs.permute(0, 1, 4, 2, 3).float(), masks, rater_mask, index
+            )
+
+    def _log(self, pl_module: pl.LightningModule, stage: str) -> None:
+        for source in ("model", "oracle"):
+            metric = self._metrics.pop(f"{stage}/{source}", None)
+            if metric is None:
+                continue
+            prefix = f"{stage}/" if source == "model" else f"{stage}/oracle_"
+            values = {f"{prefix}{name}": value.float() for name, value in metric.compute().items()}
+            # Values are already gathered across processes; sync_dist averages identical copies.
+            pl_module.log_dict(values, sync_dist=True)
+            if source == "model":
+                self.last_results = [values]
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, per_image: dict[str, Any]) -> None:
+        model = getattr(pl_module, "registry_name", "") or type(pl_module).__name__
+        common = {"model": model, "dataset": dataset_name(trainer.datamodule), "num_samples": self.num_samples}
+        rows, table = [], {}
+        for source, (values, index) in per_image.items():
+            rows.append({**common, "source": source, "num_images": int(index.numel()), **summarize(values)})
+            prefix = "" if source == "model" else "oracle_"
+            for i, idx in enumerate(index.tolist()):
+                entry = table.setdefault(idx, {"index": idx})
+                entry.update({f"{prefix}{name}": float(v[i]) for name, v in values.items()})
+        folder = Path(self.results_dir or os.path.join(trainer.default_root_dir, "results"))
+        paths = write_results(folder, rows, [table[k] for k in sorted(table)])
+        self.last_results = rows
+        print("\nprobseg test results:\n" + paths[1].read_text() + "".join(f"  written: {p}\n" for p in paths))

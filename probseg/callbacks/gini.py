@@ -1,0 +1,45 @@
+"""Gini index of the prior's singular values over training (the cSAE paper's Figures 3-4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+
+from probseg.metrics.functional import gini_index
+
+
+class GiniCallback(Callback):
+    """Log ``train/gini``, the mean Gini index of the prior sigmas of the current training batch,
+    every ``every_n_steps`` optimizer steps, straight to the loggers (so the curve does not depend
+    on ``log_every_n_steps``). Models without a latent prior are skipped.
+
+    Args:
+        every_n_steps: logging interval in optimizer steps.
+    """
+
+    def __init__(self, every_n_steps: int = 25) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.history: list[tuple[int, float]] = []
+
+    @rank_zero_only
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps != 0 and step != 1:
+            return
+        if self.history and self.history[-1][0] == step:  # gradient accumulation: one value per step
+            return
+        sigma = pl_module.prior_sigmas(batch["image"])
+        if sigma is None:
+            return
+        value = float(gini_index(sigma.float()).mean())
+        self.history.append((step, value))
+        for logger in trainer.loggers:
+            logger.log_metrics({"train/gini": value}, step=step)

@@ -1,0 +1,25 @@
+"""Evaluation metrics: pure functionals in :mod:`probseg.metrics.functional`; torchmetrics
+classes (state and cross-process sync only) here."""
+
+from probseg.metrics.base import PerImageMetric
+from probseg.metrics.hypotheses import METRIC_NAMES, HypothesisMetrics
+from probseg.metrics.segmentation import (
+    BinarizedDice,
+    EmpiricalWasserstein,
+    ExpectedCalibrationError,
+    GeneralizedEnergyDistance,
+    GiniIndex,
+    SampleDiversity,
+)
+
+__all__ = [
+    "METRIC_NAMES",
+    "BinarizedDice",
+    "EmpiricalWasserstein",
+    "ExpectedCalibrationError",
+    "GeneralizedEnergyDistance",
+    "GiniIndex",
+    "HypothesisMetrics",
+    "PerImageMetric",
+    "SampleDiversity",
+]

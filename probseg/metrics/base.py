@@ -1,0 +1,93 @@
+"""Base class of the zoo's metrics: per-image values, synced across processes, deduplicated.
+
+Lightning's DistributedSampler pads an uneven evaluation set by repeating items, so a naive
+mean over ranks counts those images twice. Each update therefore stores, next to the per-image
+values, the images' dataset indices (``batch["index"]``); after the cross-process gather, one
+value per index is kept, so the result equals the single-process result on the same data.
+Without indices every stored value counts (correct in a single process).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+NO_INDEX = -1
+"""Index stored for images whose dataset index is unknown (never deduplicated)."""
+
+
+class PerImageMetric(Metric):
+    """Stores one value per image for each name in ``value_names``; ``compute`` gives the means
+    and :meth:`per_image` the values themselves (for standard deviations and tables).
+
+    Args:
+        value_names: the metric values stored per image.
+        **kwargs: torchmetrics ``Metric`` options (``dist_sync_fn``, ``process_group``, ...).
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, value_names: tuple[str, ...], **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not value_names:
+            raise ValueError("a metric needs at least one value name")
+        self.value_names = tuple(value_names)
+        for name in self.value_names:
+            self.add_state(f"values_{name}", default=[], dist_reduce_fx="cat")
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+
+    def _store(self, values: dict[str, torch.Tensor], index: torch.Tensor | None) -> None:
+        sizes = {name: v.shape for name, v in values.items()}
+        if set(values) != set(self.value_names) or len({tuple(s) for s in sizes.values()}) != 1:
+            raise ValueError(f"expected one (B,) tensor for each of {self.value_names}, got {sizes}")
+        batch = next(iter(values.values())).shape[0]
+        if index is None:
+            index = torch.full((batch,), NO_INDEX, dtype=torch.long, device=self.device)
+        index = torch.as_tensor(index, device=self.device).long().flatten()
+        if index.shape != (batch,):
+            raise ValueError(f"index must hold one dataset index per image ({batch}), got {tuple(index.shape)}")
+        for name, value in values.items():
+            getattr(self, f"values_{name}").append(value.detach().double().to(self.device))
+        self.index.append(index)
+
+    def _gathered(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        # Lists of batch tensors before a sync, one gathered tensor after it.
+        empty = self.index.numel() == 0 if isinstance(self.index, torch.Tensor) else not self.index
+        if empty:
+            empty = torch.zeros(0, dtype=torch.float64, device=self.device)
+            return {name: empty for name in self.value_names}, torch.zeros(0, dtype=torch.long, device=self.device)
+        index = dim_zero_cat(self.index)
+        values = {name: dim_zero_cat(getattr(self, f"values_{name}")) for name in self.value_names}
+        if bool((index == NO_INDEX).any()):
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                warnings.warn(
+                    f"{type(self).__name__}: images without a dataset index are counted as they come; "
+                    "under DDP the sampler's padded repeats count twice. Put 'index' in the batches.",
+                    stacklevel=2,
+                )
+            return values, index
+        unique, inverse = torch.unique(index, return_inverse=True)
+        position = torch.arange(index.numel(), device=index.device)
+        first = torch.full_like(unique, index.numel()).scatter_reduce(0, inverse, position, reduce="amin")
+        return {name: v[first] for name, v in values.items()}, unique
+
+    def per_image(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The per-image values (one per distinct dataset index, sorted by index) and the indices,
+        gathered from every process."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=True):
+            values, index = self._gathered()
+        return values, index
+
+    def compute(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Mean over images of each value (a tensor for a single value, else a dict); NaN when no
+        image was seen."""
+        values, _ = self._gathered()
+        means = {
+            name: v.mean() if v.numel() else torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
+            for name, v in values.items()
+        }
+        return means[self.value_names[0]] if len(means) == 1 else means

@@ -1,0 +1,54 @@
+"""Metric functionals: pure functions on per-image tensors, never reduced over the batch.
+
+Shapes: predictions (B, S, H, W) (binary masks or foreground probabilities) or (B, S, K, H, W)
+class probabilities; rater masks (B, R, H, W); ``rater_mask`` (B, R) bool; results (B,) or
+(B, S, R). Conventions are stated in each module's docstring.
+"""
+
+from probseg.metrics.functional.calibration import (
+    BDICE_THRESHOLDS,
+    binarized_dice,
+    calibration_bins,
+    class_probabilities,
+    expected_calibration_error,
+)
+from probseg.metrics.functional.gini import gini_index
+from probseg.metrics.functional.kernels import (
+    CE_EPS,
+    KERNELS,
+    foreground_windows,
+    pairwise_cost,
+    pairwise_costs,
+    per_class_pairwise_cost,
+    squared_distance_transform,
+)
+from probseg.metrics.functional.sets import (
+    empirical_wasserstein,
+    energy_distance_from_costs,
+    generalized_energy_distance,
+    matched_cost,
+    sample_diversity,
+    set_mean,
+)
+
+__all__ = [
+    "BDICE_THRESHOLDS",
+    "CE_EPS",
+    "KERNELS",
+    "binarized_dice",
+    "calibration_bins",
+    "class_probabilities",
+    "empirical_wasserstein",
+    "energy_distance_from_costs",
+    "expected_calibration_error",
+    "generalized_energy_distance",
+    "gini_index",
+    "matched_cost",
+    "foreground_windows",
+    "pairwise_cost",
+    "pairwise_costs",
+    "per_class_pairwise_cost",
+    "sample_diversity",
+    "set_mean",
+    "squared_distance_transform",
+]

@@ -1,0 +1,145 @@
+"""Calibration and soft-label agreement: expected calibration error and binarized Dice.
+
+* :func:`expected_calibration_error` (Guo et al. 2017), pixel-wise and top-label: the prediction
+  is the mean of the S hypotheses' class probabilities, its confidence the largest class
+  probability, and a pixel is correct when its arg-max class equals the raters' majority vote
+  (:func:`probseg.data.fusion.majority_vote`, ties to the lower class id). With ``num_bins``
+  equal-width confidence bins (bin m holds [m/M, (m+1)/M), the last also holds 1):
+
+  .. math:: \\mathrm{ECE} = \\sum_m \\frac{n_m}{N} \\, |\\mathrm{acc}_m - \\mathrm{conf}_m|
+
+  computed per image (N = pixels of the image).
+* :func:`binarized_dice` (BDice, QUBIQ's official metric; Wang et al., Sec. 3.3): the mean
+  prediction and the raters' mean are both thresholded at 0.1, 0.2, ..., 0.9 (strictly greater
+  than the threshold is foreground), Dice is computed at each level (both empty = 1) and
+  averaged over the levels. The raters' mean is compared exactly (integer vote counts against a
+  rational threshold), so 3 of 10 raters is never "above 0.3" by a rounding error.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Sequence
+
+import torch
+
+from probseg.data.fusion import majority_vote
+from probseg.metrics.functional._checks import check_probabilities, check_rater_mask, check_set
+
+BDICE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""QUBIQ's threshold levels."""
+
+
+def class_probabilities(pred: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, W) foreground probabilities -> (B, S, 2, H, W); (B, S, K, H, W) is returned as is."""
+    if pred.ndim == 4:
+        return torch.stack([1 - pred, pred], dim=2)
+    check_set(pred, "pred", rank=5)
+    return pred
+
+
+def _check_prediction(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if not isinstance(pred, torch.Tensor) or pred.ndim not in (4, 5):
+        raise ValueError(
+            "pred must be (B, S, H, W) foreground probabilities or (B, S, K, H, W) class probabilities, "
+            f"got {tuple(getattr(pred, 'shape', ()))}"
+        )
+    check_set(target, "target")
+    check_probabilities(pred, "pred")
+    if pred.shape[0] != target.shape[0] or pred.shape[-2:] != target.shape[-2:]:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must share B, H and W")
+    if target.is_floating_point():
+        raise TypeError(f"target must hold integer class ids, got dtype {target.dtype}")
+    probs = class_probabilities(pred)
+    if int(target.max()) >= probs.shape[2] or int(target.min()) < 0:
+        raise ValueError(f"target holds class ids outside [0, {probs.shape[2] - 1}]")
+    return probs
+
+
+def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor, num_bins: int = 15) -> torch.Tensor:
+    """Per-image reliability statistics.
+
+    Args:
+        confidence: (B, N) confidences in [0, 1].
+        correct: (B, N) bool or 0/1.
+        num_bins: M equal-width bins; bin m holds [m/M, (m+1)/M), the last also holds 1.
+
+    Returns:
+        (B, M, 3): pixel count, summed confidence and summed correctness of each bin.
+    """
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be positive, got {num_bins}")
+    b, n = confidence.shape
+    conf = confidence.double()
+    bins = (conf * num_bins).long().clamp_(0, num_bins - 1)
+    flat = (bins + num_bins * torch.arange(b, device=bins.device)[:, None]).flatten()
+    stats = torch.zeros(3, b * num_bins, dtype=torch.float64, device=conf.device)
+    stats[0].index_add_(0, flat, torch.ones_like(conf).flatten())
+    stats[1].index_add_(0, flat, conf.flatten())
+    stats[2].index_add_(0, flat, correct.double().flatten())
+    return stats.view(3, b, num_bins).permute(1, 2, 0)
+
+
+def expected_calibration_error(
+    pred: torch.Tensor, target: torch.Tensor, rater_mask: torch.Tensor | None = None, num_bins: int = 15
+) -> torch.Tensor:
+    """Pixel-wise top-label ECE of the mean prediction against the raters' majority vote.
+
+    Args:
+        pred: (B, S, H, W) foreground probabilities, or (B, S, K, H, W) class probabilities.
+        target: (B, R, H, W) integer class ids.
+        rater_mask: (B, R) bool; absent raters do not vote.
+        num_bins: M.
+
+    Returns:
+        (B,) ECE per image, in [0, 1].
+    """
+    probs = _check_prediction(pred, target)
+    present = check_rater_mask(rater_mask, target)
+    mean = probs.mean(dim=1)  # (B, K, H, W)
+    confidence, label = mean.max(dim=1)
+    vote = majority_vote(target, present, num_classes=probs.shape[2])
+    stats = calibration_bins(confidence.flatten(1), (label == vote).flatten(1), num_bins)
+    gap = (stats[..., 2] - stats[..., 1]).abs().sum(dim=1) / confidence[0].numel()
+    return gap.to(pred.dtype)
+
+
+def binarized_dice(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    rater_mask: torch.Tensor | None = None,
+    thresholds: Sequence[float] = BDICE_THRESHOLDS,
+) -> torch.Tensor:
+    """BDice: Dice of the thresholded mean prediction and rater mean, averaged over thresholds.
+
+    Args:
+        pred: (B, S, H, W) foreground probabilities, or (B, S, K, H, W) class probabilities
+            (then BDice is averaged over the foreground classes 1..K-1, one-vs-rest).
+        target: (B, R, H, W) integer class ids.
+        rater_mask: (B, R) bool; absent raters are left out of the mean.
+        thresholds: levels in (0, 1).
+
+    Returns:
+        (B,) BDice per image, in [0, 1].
+    """
+    probs = _check_prediction(pred, target)
+    present = check_rater_mask(rater_mask, target)
+    if not thresholds or not all(0 < t < 1 for t in thresholds):
+        raise ValueError(f"thresholds must be a non-empty list of levels in (0, 1), got {thresholds}")
+    fractions = [Fraction(str(t)).limit_denominator(10**6) for t in thresholds]
+    levels = torch.tensor([float(t) for t in thresholds], dtype=probs.dtype, device=probs.device)
+    num = torch.tensor([f.numerator for f in fractions], device=probs.device)
+    den = torch.tensor([f.denominator for f in fractions], device=probs.device)
+    raters = present.sum(dim=1)  # (B,)
+    mean = probs.mean(dim=1).flatten(2)  # (B, K, N)
+    per_class = []
+    for c in range(1, probs.shape[2]):
+        votes = ((target == c) & present[:, :, None, None]).sum(dim=1).flatten(1)  # (B, N) integer counts
+        fg_pred = mean[:, c, None, :] > levels[None, :, None]  # (B, T, N)
+        # votes / raters > num / den  <=>  votes * den > num * raters (exact integers)
+        fg_target = votes[:, None, :] * den[None, :, None] > (num[None, :] * raters[:, None])[:, :, None]
+        inter = (fg_pred & fg_target).sum(dim=-1)
+        total = fg_pred.sum(dim=-1) + fg_target.sum(dim=-1)
+        dice = torch.where(total > 0, 2 * inter.double() / total.clamp_min(1).double(), torch.ones_like(total, dtype=torch.float64))
+        per_class.append(dice.mean(dim=1))
+    return torch.stack(per_class, dim=1).mean(dim=1).to(probs.dtype)

@@ -1,0 +1,323 @@
+"""Pairwise kernels between a set of S predictions and a set of R rater masks.
+
+Every kernel maps pred (B, S, H, W) and target (B, R, H, W) to a cost (B, S, R) in one batched,
+vectorized computation (no loop over pairs):
+
+* ``"iou"``: 1 - IoU and ``"dice"``: 1 - Dice, from one matrix product of the flattened masks
+  (intersections) and the mask sizes;
+* ``"hausdorff"``: the symmetric Hausdorff distance in pixels between the foreground pixel sets,
+  exact Euclidean (Valiuddin et al., eq. 16). Each mask gets ONE distance transform (S + R per
+  image, never S x R), restricted to the box holding every foreground pixel of the image; the
+  directed distance h(A -> B) is the max over A of the transform of B. On CPU the transforms are
+  scipy's exact linear-time EDT; on other devices a batched exact brute force in torch;
+* ``"ce"``: pred are foreground probabilities; per-pixel binary cross-entropy, mean over pixels,
+  probabilities clamped to [eps, 1 - eps].
+
+Conventions (the same for every kernel unless stated):
+
+* both masks empty: cost 0 (for ``"ce"``: the target is empty and every probability is exactly 0);
+* exactly one mask empty: 1 for ``"iou"`` and ``"dice"``, the image diagonal sqrt(H^2 + W^2) for
+  ``"hausdorff"``; ``"ce"`` needs no convention (it is finite whenever one side is non-empty).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from probseg.metrics.functional._checks import check_binary, check_pair, check_probabilities, check_set
+
+KERNELS = ("iou", "dice", "hausdorff", "ce")
+"""Names accepted by :func:`pairwise_cost`."""
+
+CE_EPS = 1e-7
+"""Default clamp of the probabilities of the ``"ce"`` kernel: a certain mistake costs
+-log(1e-7) ~ 16.1 nats per pixel instead of infinity."""
+
+# Bound on the elements of one broadcast intermediate (64 MiB of float32).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def pairwise_cost(
+    pred: torch.Tensor, target: torch.Tensor, kernel: str = "iou", *, eps: float = CE_EPS
+) -> torch.Tensor:
+    """Cost of every (prediction, rater) pair of each image.
+
+    Args:
+        pred: (B, S, H, W) binary masks (bool, integer or 0/1 float), or foreground
+            probabilities in [0, 1] for ``kernel="ce"``.
+        target: (B, R, H, W) binary rater masks.
+        kernel: one of :data:`KERNELS`.
+        eps: probability clamp of the ``"ce"`` kernel.
+
+    Returns:
+        (B, S, R) float32 costs; see the module docstring for the empty-mask conventions.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+    if kernel == "ce":
+        return pairwise_costs(None, target, ("ce",), probs=pred, eps=eps)["ce"]
+    return pairwise_costs(pred, target, (kernel,))[kernel]
+
+
+def pairwise_costs(
+    pred: torch.Tensor | None,
+    target: torch.Tensor,
+    kernels: Sequence[str] = KERNELS,
+    *,
+    probs: torch.Tensor | None = None,
+    eps: float = CE_EPS,
+) -> dict[str, torch.Tensor]:
+    """Several kernels at once, sharing the work: one foreground window per image, one
+    intersection product for "iou" and "dice", one distance transform per mask.
+
+    Args:
+        pred: (B, S, H, W) binary masks (needed by "iou", "dice", "hausdorff").
+        target: (B, R, H, W) binary rater masks.
+        kernels: names from :data:`KERNELS`.
+        probs: (B, S, H, W) foreground probabilities (needed by "ce").
+        eps: probability clamp of the ``"ce"`` kernel.
+
+    Returns:
+        ``{kernel: (B, S, R) float32 cost}``.
+    """
+    unknown = [k for k in kernels if k not in KERNELS]
+    if unknown:
+        raise ValueError(f"unknown kernels {unknown}; expected a subset of {KERNELS}")
+    costs: dict[str, torch.Tensor] = {}
+    if "ce" in kernels:
+        if probs is None:
+            raise ValueError("the 'ce' kernel needs foreground probabilities: pass probs=(B, S, H, W)")
+        check_pair(probs, target, "pred")
+        check_binary(target, "target")
+        check_probabilities(probs, "pred")
+        costs["ce"] = _cross_entropy_cost(probs, target, eps)
+    masks = [k for k in kernels if k != "ce"]
+    if masks:
+        if pred is None:
+            raise ValueError(f"the kernels {masks} need binary masks: pass pred=(B, S, H, W)")
+        check_pair(pred, target)
+        check_binary(pred, "pred")
+        check_binary(target, "target")
+        pred, target = pred.bool(), target.bool()
+        windows = foreground_windows(pred, target)
+        if "iou" in masks or "dice" in masks:
+            costs.update(_overlap_costs(pred, target, windows, [k for k in masks if k in ("iou", "dice")]))
+        if "hausdorff" in masks:
+            costs["hausdorff"] = _hausdorff_cost(pred, target, windows)
+    return {k: costs[k] for k in kernels}
+
+
+def per_class_pairwise_cost(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, kernel: str = "iou", *, average: bool = True,
+    eps: float = CE_EPS,
+) -> torch.Tensor:
+    """Multi-class wrapper of :func:`pairwise_cost`: one binary (one-vs-rest) cost per foreground
+    class 1..K-1.
+
+    Args:
+        pred: (B, S, H, W) integer class ids, or (B, S, K, H, W) class probabilities for
+            ``kernel="ce"``.
+        target: (B, R, H, W) integer class ids.
+        num_classes: K (binary = 2).
+        kernel: one of :data:`KERNELS`.
+        average: mean over the foreground classes (one cost per pair, so a hypothesis is matched
+            as a whole segmentation); False keeps them apart.
+        eps: probability clamp of the ``"ce"`` kernel.
+
+    Returns:
+        (B, S, R) with ``average``, else (B, K - 1, S, R).
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    check_set(target, "target")
+    if kernel == "ce":
+        check_set(pred, "pred", rank=5)
+        if pred.shape[2] != num_classes:
+            raise ValueError(f"pred must hold {num_classes} class probabilities on dim 2, got {tuple(pred.shape)}")
+        per_class = [pairwise_cost(pred[:, :, c], target == c, "ce", eps=eps) for c in range(1, num_classes)]
+    else:
+        check_set(pred, "pred")
+        if pred.is_floating_point():
+            raise TypeError(f"pred must hold integer class ids for the {kernel!r} kernel, got dtype {pred.dtype}")
+        per_class = [pairwise_cost(pred == c, target == c, kernel) for c in range(1, num_classes)]
+    costs = torch.stack(per_class, dim=1)
+    return costs.mean(dim=1) if average else costs
+
+
+def foreground_windows(*sets: torch.Tensor) -> list[tuple[int, int, int, int] | None]:
+    """Per image, the bounding box (row0, row1, col0, col1), end exclusive, of the foreground of
+    every mask of the given (B, N, H, W) sets; None for an image without foreground. Overlaps and
+    distances between pixels inside the box are those of the full image, so the kernels work on
+    boxes."""
+    rows = cols = None
+    for masks in sets:
+        m = masks.detach().cpu().numpy()  # numpy's boolean reductions are much faster than torch's
+        r, c = m.any(axis=(1, 3)), m.any(axis=(1, 2))
+        rows, cols = (r, c) if rows is None else (rows | r, cols | c)
+    out: list[tuple[int, int, int, int] | None] = []
+    for r, c in zip(rows, cols):
+        if not r.any():
+            out.append(None)
+            continue
+        rr, cc = np.flatnonzero(r), np.flatnonzero(c)
+        out.append((int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1))
+    return out
+
+
+def _common_crop(masks: torch.Tensor, windows: list[tuple[int, int, int, int] | None]) -> torch.Tensor:
+    """(B, N, h, w): one window size for the batch (the largest box), placed over each image's box."""
+    b, _, height, width = masks.shape
+    boxes = [w for w in windows if w is not None]
+    h = max(r1 - r0 for r0, r1, _, _ in boxes)
+    w = max(c1 - c0 for _, _, c0, c1 in boxes)
+    crops = []
+    for i, box in enumerate(windows):
+        r0, c0 = (0, 0) if box is None else (min(box[0], height - h), min(box[2], width - w))
+        crops.append(masks[i, :, r0 : r0 + h, c0 : c0 + w])
+    return torch.stack(crops)
+
+
+def _overlap_costs(
+    pred: torch.Tensor, target: torch.Tensor, windows: list[tuple[int, int, int, int] | None], kernels: list[str]
+) -> dict[str, torch.Tensor]:
+    b, s, r = pred.shape[0], pred.shape[1], target.shape[1]
+    if all(w is None for w in windows):
+        return {k: torch.zeros(b, s, r, device=pred.device) for k in kernels}
+    p, t = (_common_crop(x, windows).flatten(2) for x in (pred, target))
+    # Pixel counts are exact in float32 below 2**24 pixels per image.
+    dtype = torch.float32 if p.shape[-1] < (1 << 24) else torch.float64
+    p, t = p.to(dtype), t.to(dtype)
+    inter = p @ t.transpose(1, 2)
+    size_p, size_t = p.sum(-1)[:, :, None], t.sum(-1)[:, None, :]
+    out = {}
+    for kernel in kernels:
+        if kernel == "iou":
+            denom = size_p + size_t - inter
+            score = inter / denom.clamp_min(1)
+        else:
+            denom = size_p + size_t
+            score = 2 * inter / denom.clamp_min(1)
+        out[kernel] = torch.where(denom > 0, 1 - score, torch.zeros_like(score)).float()
+    return out
+
+
+def _cross_entropy_cost(pred: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+    if not 0 < eps < 0.5:
+        raise ValueError(f"eps must be in (0, 0.5), got {eps}")
+    p = pred.flatten(2)
+    p = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
+    t = target.flatten(2).to(p.dtype)
+    pc = p.clamp(eps, 1 - eps)
+    log_not_p = torch.log(1 - pc)  # 1 - p is exact for p >= 1/2 and within 1 ulp below
+    # sum_n t log p + (1 - t) log(1 - p) = t . (log p - log(1 - p)) + sum_n log(1 - p): one matmul.
+    log_lik = (torch.log(pc) - log_not_p) @ t.transpose(1, 2) + log_not_p.sum(-1)[:, :, None]
+    cost = -log_lik / p.shape[-1]
+    both_empty = (p.sum(-1) == 0)[:, :, None] & (t.sum(-1) == 0)[:, None, :]
+    return torch.where(both_empty, torch.zeros_like(cost), cost).float()
+
+
+def squared_distance_transform(masks: torch.Tensor) -> torch.Tensor:
+    """Exact squared Euclidean distance from every pixel to the nearest True pixel.
+
+    Separable and fully batched: the distance to the nearest foreground pixel of each column
+    (two cumulative scans), then
+
+    .. math:: D^2(i, j) = \\min_{j'} \\; g(i, j')^2 + (j - j')^2
+
+    evaluated by brute force along the shorter image axis, which is exact for every mask.
+
+    Args:
+        masks: (M, H, W) bool.
+
+    Returns:
+        (M, H, W) float32 squared distances (exact integers): 0 on True pixels, inf everywhere in a
+        mask without a True pixel.
+    """
+    if masks.ndim != 3:
+        raise ValueError(f"masks must have shape (M, H, W), got {tuple(masks.shape)}")
+    if masks.shape[2] > masks.shape[1]:
+        return squared_distance_transform(masks.transpose(1, 2)).transpose(1, 2)
+    m, h, w = masks.shape
+    masks = masks.bool()
+    rows = torch.arange(h, dtype=torch.float32, device=masks.device).view(1, h, 1)
+    inf = torch.tensor(float("inf"), device=masks.device)
+    above = torch.where(masks, rows, -inf).cummax(dim=1).values
+    below = torch.where(masks, rows, inf).flip(1).cummin(dim=1).values.flip(1)
+    g2 = torch.minimum(rows - above, below - rows).square()  # inf in columns without foreground
+    cols = torch.arange(w, dtype=torch.float32, device=masks.device)
+    dj2 = (cols[:, None] - cols[None, :]).square()  # (w_out, w_in)
+    out = torch.empty(m, h, w, dtype=torch.float32, device=masks.device)
+    step = max(1, _CHUNK_ELEMENTS // (h * w * w))
+    for start in range(0, m, step):
+        out[start : start + step] = (g2[start : start + step, :, None, :] + dj2).amin(dim=-1)
+    return out
+
+
+def _directed(fg: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """(B, S, N) 0/1 masks and (B, R, N) distances -> (B, S, R) max over each mask of each
+    distance map: the directed Hausdorff distances of every pair."""
+    b, s, n = fg.shape
+    r = dist.shape[1]
+    out = torch.empty(b, s, r, dtype=dist.dtype, device=dist.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, b * r * n))
+    for start in range(0, s, step):
+        out[:, start : start + step] = (fg[:, start : start + step, None, :] * dist[:, None]).amax(dim=-1)
+    return out
+
+
+def _distances_cpu(crop: np.ndarray) -> np.ndarray:
+    """(N, h, w) bool -> Euclidean distance maps (N, h, w) with scipy's exact linear-time
+    transform, one mask at a time (0 for an empty mask; its pairs follow the conventions)."""
+    from scipy.ndimage import distance_transform_edt
+
+    out = np.zeros(crop.shape, dtype=np.float64)
+    for i, mask in enumerate(crop):
+        if mask.any():
+            out[i] = distance_transform_edt(~mask)
+    return out
+
+
+def _hausdorff_cost(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    windows: list[tuple[int, int, int, int] | None],
+    use_scipy: bool | None = None,
+) -> torch.Tensor:
+    """(B, S, R) symmetric Hausdorff distances; ``use_scipy`` None picks scipy on CPU tensors."""
+    b, s, h, w = pred.shape
+    r = target.shape[1]
+    masks = torch.cat([pred, target], dim=1)
+    empty = ~masks.flatten(2).any(dim=-1)  # (B, S + R)
+    cost = torch.zeros(b, s, r, dtype=torch.float32, device=pred.device)
+    if all(box is None for box in windows):
+        return cost
+    if use_scipy is None:
+        use_scipy = pred.device.type == "cpu"
+    if use_scipy:
+        # On CPU scipy's linear-time transform on each image's own box beats the batched brute force.
+        for i, box in enumerate(windows):
+            if box is None:
+                continue
+            r0, r1, c0, c1 = box
+            crop = masks[i, :, r0:r1, c0:c1].cpu().numpy()
+            dist = _distances_cpu(crop).reshape(s + r, -1)
+            fg = crop.reshape(s + r, -1)
+            forward = np.where(fg[:s, None, :], dist[None, s:, :], 0.0).max(-1)  # h(pred -> target)
+            backward = np.where(fg[s:, None, :], dist[None, :s, :], 0.0).max(-1).T  # h(target -> pred)
+            cost[i] = torch.from_numpy(np.maximum(forward, backward)).to(cost.device)
+    else:
+        crop = _common_crop(masks, windows)
+        d2 = squared_distance_transform(crop.flatten(0, 1)).reshape(b, s + r, -1)
+        d2 = torch.where(empty[..., None], torch.zeros_like(d2), d2)  # no inf * 0 for empty masks
+        fg = crop.flatten(2).float()
+        forward = _directed(fg[:, :s], d2[:, s:])
+        backward = _directed(fg[:, s:], d2[:, :s]).transpose(1, 2)
+        cost = torch.maximum(forward, backward).sqrt()
+    one_empty = empty[:, :s, None] ^ empty[:, None, s:]
+    both_empty = empty[:, :s, None] & empty[:, None, s:]
+    cost = torch.where(both_empty, torch.zeros_like(cost), cost)
+    return torch.where(one_empty, torch.full_like(cost, math.hypot(h, w)), cost)

@@ -1,0 +1,119 @@
+"""Every evaluation metric of a set of hypotheses in one torchmetrics object.
+
+:class:`HypothesisMetrics` takes the class probabilities of S hypotheses and the rater masks and
+stores, per image: the Hungarian-matched empirical Wasserstein metric for each kernel
+(``hm_iou``, ``hm_dice``, ``hm_hausdorff``, ``hm_ce``), ``ged``, ``diversity``, ``ece``, ``bdice``
+and, when the prior's sigmas are given, ``gini``. The 1 - IoU distances are computed once and
+shared by ``hm_iou``, ``ged`` and ``diversity``.
+
+Hypotheses are binarized by arg-max (for K = 2: foreground where p > 0.5). With K > 2 classes
+the pairwise costs are one-vs-rest per foreground class, averaged over the classes (so each
+hypothesis is matched as a whole segmentation).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from probseg.metrics import functional as F
+from probseg.metrics.base import PerImageMetric
+from probseg.metrics.functional._checks import check_probabilities
+
+METRIC_NAMES = ("hm_iou", "hm_dice", "hm_hausdorff", "hm_ce", "ged", "diversity", "ece", "bdice", "gini")
+"""Every name :class:`HypothesisMetrics` can report, in table order."""
+
+
+class HypothesisMetrics(PerImageMetric):
+    """Set metrics of hypotheses against raters, per image, synced and deduplicated.
+
+    Args:
+        num_classes: K (binary = 2).
+        kernels: kernels of the empirical Wasserstein metric (subset of "iou", "dice",
+            "hausdorff", "ce").
+        gini: also store the Gini index of the prior sigmas (``update(..., sigma=...)``).
+        num_bins: ECE bins.
+        self_pairs: GED and diversity include i = j pairs (the published convention).
+        eps: probability clamp of the "ce" kernel.
+        **kwargs: torchmetrics ``Metric`` options.
+    """
+
+    higher_is_better = None
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        kernels: Sequence[str] = F.KERNELS,
+        gini: bool = True,
+        num_bins: int = 15,
+        self_pairs: bool = True,
+        eps: float = F.CE_EPS,
+        **kwargs: Any,
+    ) -> None:
+        unknown = [k for k in kernels if k not in F.KERNELS]
+        if unknown:
+            raise ValueError(f"unknown kernels {unknown}; expected a subset of {F.KERNELS}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        names = [f"hm_{k}" for k in F.KERNELS if k in kernels] + ["ged", "diversity", "ece", "bdice"]
+        super().__init__(tuple(names + (["gini"] if gini else [])), **kwargs)
+        self.num_classes = num_classes
+        self.kernels = tuple(k for k in F.KERNELS if k in kernels)
+        self.num_bins, self.self_pairs, self.eps = num_bins, self_pairs, eps
+
+    def _costs(self, probs: torch.Tensor, labels: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{kernel: (B, S, R)} for the kernels stored plus "iou" (GED needs it)."""
+        kernels = tuple(k for k in F.KERNELS if k in self.kernels or k == "iou")
+        if self.num_classes == 2:
+            return F.pairwise_costs(labels == 1, target == 1, kernels, probs=probs[:, :, 1], eps=self.eps)
+        return {
+            k: F.per_class_pairwise_cost(probs if k == "ce" else labels, target, self.num_classes, k, eps=self.eps)
+            for k in kernels
+        }
+
+    def update(
+        self,
+        probs: torch.Tensor,
+        target: torch.Tensor,
+        rater_mask: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+        sigma: torch.Tensor | None = None,
+    ) -> None:
+        """Add a batch.
+
+        Args:
+            probs: (B, S, K, H, W) class probabilities of the hypotheses.
+            target: (B, R, H, W) rater class ids.
+            rater_mask: (B, R) bool; absent raters are left out.
+            index: (B,) dataset indices (deduplication of padded DDP repeats).
+            sigma: (B, L) prior standard deviations, required when ``gini`` is stored.
+        """
+        if probs.ndim != 5 or probs.shape[2] != self.num_classes:
+            raise ValueError(f"probs must be (B, S, {self.num_classes}, H, W) class probabilities, got {tuple(probs.shape)}")
+        check_probabilities(probs, "probs")
+        if target.ndim != 4 or target.is_floating_point():
+            raise ValueError(f"target must be (B, R, H, W) integer class ids, got {tuple(target.shape)} {target.dtype}")
+        labels = probs.argmax(dim=2)
+        costs = self._costs(probs, labels, target)
+        values = {f"hm_{k}": F.matched_cost(costs[k], rater_mask) for k in self.kernels}
+        iou = costs["iou"]
+        within_pred = self._within(labels)
+        within_target = self._within(target)
+        values["ged"] = F.energy_distance_from_costs(iou, within_pred, within_target, rater_mask, self.self_pairs)
+        ones = torch.ones(within_pred.shape[:2], dtype=within_pred.dtype, device=within_pred.device)
+        values["diversity"] = F.set_mean(within_pred, ones, ones, self.self_pairs)
+        values["ece"] = F.expected_calibration_error(probs, target, rater_mask, self.num_bins)
+        values["bdice"] = F.binarized_dice(probs, target, rater_mask)
+        if "gini" in self.value_names:
+            if sigma is None:
+                raise ValueError("this HypothesisMetrics stores the Gini index: pass sigma=(B, L) prior sigmas")
+            values["gini"] = F.gini_index(sigma)
+        self._store(values, index)
+
+    def _within(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B, N, N) 1 - IoU between the members of one set of class-id maps."""
+        if self.num_classes == 2:
+            fg = labels == 1
+            return F.pairwise_cost(fg, fg, "iou")
+        return F.per_class_pairwise_cost(labels, labels, self.num_classes, "iou")

@@ -1,0 +1,145 @@
+"""Results tables: per-run CSV and Markdown written by ``probseg test``, and the paper's Table 1
+layout gathered from several runs (``probseg results``).
+
+A run's ``test_results.csv`` has one row per source (the model, and for data with a known rater
+distribution the ``oracle``), with columns ``model``, ``dataset``, ``source``, ``num_images``,
+``num_samples`` and ``<metric>_mean`` / ``<metric>_std`` (mean and sample standard deviation
+over images) for every metric of :data:`probseg.metrics.METRIC_NAMES` that was measured.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from probseg.metrics.hypotheses import METRIC_NAMES
+
+TABLE1_COLUMNS = {"hm_iou": "1 - IoU", "hm_dice": "1 - Dice", "hm_hausdorff": "Hausdorff", "hm_ce": "CE", "gini": "Gini"}
+"""Table 1 of Valiuddin et al.: the empirical Wasserstein metric per kernel and the Gini index."""
+
+RESULTS_FILE = "test_results.csv"
+
+
+def summarize(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-image values -> ``{name}_mean`` and ``{name}_std`` (sample std; NaN for one image)."""
+    out: dict[str, float] = {}
+    for name, v in values.items():
+        v = v.double()
+        out[f"{name}_mean"] = v.mean().item() if v.numel() else math.nan
+        out[f"{name}_std"] = v.std().item() if v.numel() > 1 else math.nan
+    return out
+
+
+def _metric_names(rows: Sequence[dict]) -> list[str]:
+    present = {key[: -len("_mean")] for row in rows for key in row if key.endswith("_mean")}
+    return [name for name in METRIC_NAMES if name in present] + sorted(present - set(METRIC_NAMES))
+
+
+def _cell(row: dict, name: str, digits: int = 3) -> str:
+    mean, std = row.get(f"{name}_mean"), row.get(f"{name}_std")
+    if mean in (None, "") or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    mean = float(mean)
+    if std in (None, "") or math.isnan(float(std)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {float(std):.{digits}f}"
+
+
+def markdown_table(rows: Sequence[dict], metrics: Sequence[str] | None = None, headers: dict[str, str] | None = None) -> str:
+    """A Markdown table with one row per result row and "mean ± std" cells."""
+    metrics = list(metrics or _metric_names(rows))
+    headers = headers or {}
+    head = ["model", "dataset", "images"] + [headers.get(m, m) for m in metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * 3 + [" ---: "] * len(metrics)) + "|"]
+    for row in rows:
+        label = row["model"] if row.get("source", "model") == "model" else row["source"]
+        cells = [label, str(row.get("dataset", "")), str(row.get("num_images", ""))]
+        lines.append("| " + " | ".join(cells + [_cell(row, m) for m in metrics]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(directory: str | os.PathLike, rows: Sequence[dict], per_image: Sequence[dict] | None = None) -> list[Path]:
+    """Write ``test_results.csv``, ``test_results.md`` and (optionally) ``test_per_image.csv``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    metrics = _metric_names(rows)
+    fields = ["model", "dataset", "source", "num_images", "num_samples"]
+    fields += [f"{m}_{stat}" for m in metrics for stat in ("mean", "std")]
+    csv_path = directory / RESULTS_FILE
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    md_path = csv_path.with_suffix(".md")
+    md_path.write_text(markdown_table(rows, metrics))
+    written = [csv_path, md_path]
+    if per_image:
+        path = directory / "test_per_image.csv"
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(per_image[0]))
+            writer.writeheader()
+            writer.writerows(per_image)
+        written.append(path)
+    return written
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """Rows of a ``test_results.csv`` (numbers as floats)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no results file at {path} (written by `probseg test`)")
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "model" not in rows[0]:
+        raise ValueError(f"{path} is not a probseg results file (no 'model' column)")
+    for row in rows:
+        for key, value in row.items():
+            if key.endswith(("_mean", "_std")) or key in ("num_images", "num_samples"):
+                row[key] = float(value) if value not in ("", None) else math.nan
+                if key in ("num_images", "num_samples") and not math.isnan(row[key]):
+                    row[key] = int(row[key])
+    return rows
+
+
+def find_results(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Results files named by ``paths``: files as given, folders searched recursively."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            hits = sorted(p.rglob(RESULTS_FILE))
+            if not hits:
+                raise FileNotFoundError(f"no {RESULTS_FILE} under {p}; run `probseg test` first")
+            found.extend(hits)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {p}")
+    return found
+
+
+def gather(paths: Iterable[str | os.PathLike], table1: bool = True) -> str:
+    """One Markdown table from several runs: every model row, and one oracle row per dataset.
+
+    Args:
+        paths: results files or folders holding them.
+        table1: the paper's Table 1 columns (1 - IoU, 1 - Dice, Hausdorff, CE, Gini); False
+            keeps every metric.
+    """
+    rows: list[dict] = []
+    oracles: dict[str, dict] = {}
+    for path in find_results(paths):
+        for row in read_results(path):
+            if row.get("source") == "oracle":
+                oracles.setdefault(row.get("dataset", ""), row)
+            else:
+                rows.append(row)
+    rows.sort(key=lambda r: (r.get("dataset", ""), r["model"]))
+    rows += [oracles[d] for d in sorted(oracles)]
+    if table1:
+        return markdown_table(rows, list(TABLE1_COLUMNS), TABLE1_COLUMNS)
+    return markdown_table(rows)

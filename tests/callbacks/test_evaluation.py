@@ -1,0 +1,180 @@
+"""Evaluation, Gini and sample-grid callbacks driven through the real ``probseg`` CLI, the results
+table and ``probseg results``, and evaluation under 2-process DDP (gloo, CPU) against 1 process."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from probseg.callbacks import EvaluationCallback, GiniCallback, SampleGridCallback
+from probseg.callbacks.evaluation import dataset_name, per_image_generators
+from probseg.cli import main
+from probseg.data import SyntheticDataModule
+from probseg.metrics import METRIC_NAMES
+from probseg.models import ProbUNet
+from probseg.results import read_results
+from tests.conftest import TINY_PUNET
+from tests.helpers import tiny_config
+
+PROBSEG = [str(Path(sys.executable).parent / "probseg")]
+CALLBACKS = [
+    {"class_path": "probseg.callbacks.EvaluationCallback", "init_args": {"num_samples": 4}},
+    {"class_path": "probseg.callbacks.GiniCallback", "init_args": {"every_n_steps": 1}},
+    {"class_path": "probseg.callbacks.SampleGridCallback", "init_args": {"num_images": 2, "num_samples": 3}},
+]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny fit with all three callbacks (W&B offline), then ``probseg test`` on its checkpoint."""
+    root = tmp_path_factory.mktemp("evaluation")
+    config = tiny_config(root, max_steps=4, callbacks=CALLBACKS)
+    assert main(["fit", "--config", str(config)]) == 0
+    assert main(["test", "--config", str(config), "--ckpt_path", str(root / "run/checkpoints/last.ckpt")]) == 0
+    return root
+
+
+def test_fit_logs_every_metric_and_the_oracle(trained: Path) -> None:
+    (fit_log, test_log) = sorted((trained / "run/logs").glob("version_*/metrics.csv"))
+    rows = _rows(fit_log)
+    val = [r for r in rows if r.get("val/hm_iou")]
+    assert len(val) == 2, "validation ran twice (val_check_interval=2, max_steps=4)"
+    for stage_row in val:
+        for name in METRIC_NAMES:
+            assert math.isfinite(float(stage_row[f"val/{name}"])), name
+            if name != "gini":
+                assert math.isfinite(float(stage_row[f"val/oracle_{name}"])), name
+    gini_steps = [int(r["step"]) for r in rows if r.get("train/gini")]
+    assert gini_steps == [1, 2, 3, 4]
+    assert all(0 <= float(r["train/gini"]) <= 1 for r in rows if r.get("train/gini"))
+    test_keys = {k for r in _rows(test_log) for k, v in r.items() if v}
+    assert {f"test/{m}" for m in METRIC_NAMES} <= test_keys
+    assert {f"test/oracle_{m}" for m in METRIC_NAMES if m != "gini"} <= test_keys
+
+
+def test_sample_grids_are_written_and_sent_to_wandb(trained: Path) -> None:
+    pngs = sorted((trained / "run/samples").glob("*.png"))
+    # 16 training images in batches of 8: validation ends epochs 0 and 1.
+    assert [p.name for p in pngs] == [f"epoch00{e}_synthetic-val-0000{i}.png" for e in (0, 1) for i in (0, 1)]
+    media = list((trained / "run/wandb").glob("offline-run-*/files/media/images/val/samples_*.png"))
+    assert len(media) == 4, "two images at each of the two validations"
+
+
+def test_results_table_matches_the_logged_test_metrics(trained: Path) -> None:
+    rows = read_results(trained / "run/results/test_results.csv")
+    assert [(r["model"], r["dataset"], r["source"], r["num_images"], r["num_samples"]) for r in rows] == [
+        ("punet", "synthetic", "model", 8, 4), ("punet", "synthetic", "oracle", 8, 4)]
+    (_, test_log) = sorted((trained / "run/logs").glob("version_*/metrics.csv"))
+    logged = next(r for r in _rows(test_log) if r.get("test/hm_iou"))
+    for name in METRIC_NAMES:
+        assert rows[0][f"{name}_mean"] == pytest.approx(float(logged[f"test/{name}"]), rel=1e-5)
+    per_image = _rows(trained / "run/results/test_per_image.csv")
+    assert [int(r["index"]) for r in per_image] == list(range(8))
+    ged = [float(r["ged"]) for r in per_image]
+    assert rows[0]["ged_mean"] == pytest.approx(sum(ged) / 8)
+    assert rows[0]["ged_std"] == pytest.approx(torch.tensor(ged, dtype=torch.float64).std().item())
+    md = (trained / "run/results/test_results.md").read_text()
+    assert md.startswith("| model | dataset | images | hm_iou |") and "| oracle | synthetic | 8 |" in md
+
+
+def test_probseg_results_gathers_table_1(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "table.md"
+    assert main(["results", str(trained / "run"), "--out", str(out)]) == 0
+    table = out.read_text()
+    assert table.splitlines()[0] == "| model | dataset | images | 1 - IoU | 1 - Dice | Hausdorff | CE | Gini |"
+    assert table.count("| punet |") == 1 and table.count("| oracle |") == 1
+    assert table in capsys.readouterr().out
+    assert main(["results", str(tmp_path / "missing")]) == 1
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_per_image_generators_make_hypotheses_independent_of_the_batch() -> None:
+    torch.manual_seed(0)
+    model = ProbUNet(**TINY_PUNET).eval()
+    images = torch.rand(3, 1, 32, 32)
+    index = torch.tensor([7, 2, 5])
+    with torch.no_grad():
+        together = model.sample(images, 4, generator=per_image_generators(index, 0, images.device))
+        alone = [model.sample(images[i : i + 1], 4, generator=per_image_generators(index[i : i + 1], 0, images.device))
+                 for i in range(3)]
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="3 generators for a batch of 2"):
+        model.sample(images[:2], 2, generator=per_image_generators(index, 0, images.device))
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict, int]] = []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.logged.append((metrics, step))
+
+
+def test_gini_callback_logs_the_mean_gini_of_the_batch_prior_sigmas_every_n_steps() -> None:
+    torch.manual_seed(0)
+    model = ProbUNet(**TINY_PUNET)
+    batch = {"image": torch.rand(4, 1, 32, 32)}
+    recorder = _Recorder()
+    callback = GiniCallback(every_n_steps=10)
+    for step in (1, 5, 10, 10, 20):  # step 10 twice: gradient accumulation calls the hook again
+        trainer = SimpleNamespace(global_step=step, loggers=[recorder])
+        callback.on_train_batch_end(trainer, model, None, batch, 0)
+    assert [s for _, s in recorder.logged] == [1, 10, 20]
+    with torch.no_grad():
+        sigma = model.prior(batch["image"]).base_dist.scale
+    # Independent Gini: the mean absolute difference form, sum |x_i - x_j| / (2 L^2 mean(x)).
+    gini = ((sigma[:, :, None] - sigma[:, None, :]).abs().sum((1, 2)) / (2 * sigma.shape[1] ** 2 * sigma.mean(1)))
+    assert recorder.logged[0][0]["train/gini"] == pytest.approx(gini.mean().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: EvaluationCallback(num_samples=0), "num_samples must be positive"),
+        (lambda: EvaluationCallback(kernels=["iou", "jaccard"]), "unknown kernels"),
+        (lambda: EvaluationCallback(every_n_epochs=0), "every_n_epochs"),
+        (lambda: GiniCallback(every_n_steps=0), "every_n_steps"),
+        (lambda: SampleGridCallback(num_images=0), "must be positive"),
+    ],
+)
+def test_callback_arguments_are_checked(factory, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        factory()
+
+
+def test_dataset_name() -> None:
+    assert dataset_name(SyntheticDataModule()) == "synthetic"
+    assert dataset_name(None) == ""
+
+
+def test_ddp_evaluation_equals_one_process_on_an_uneven_split(trained: Path, tmp_path: Path) -> None:
+    """7 test images, batch 2, 2 processes: the sampler pads rank 1 with a repeat of image 0, and
+    every image lands in a different batch than in one process. The results must not change."""
+    checkpoint = str(trained / "run/checkpoints/last.ckpt")
+    results = {}
+    for label, extra in {"one": [], "ddp": ["--trainer.strategy", "ddp", "--trainer.devices", "2"]}.items():
+        config = tiny_config(tmp_path / label, callbacks=CALLBACKS[:1])
+        args = ["test", "--config", str(config), "--ckpt_path", checkpoint, "--wandb", "disabled",
+                "--data.init_args.num_test", "7", "--data.init_args.batch_size", "2",
+                "--data.init_args.min_raters", "2", *extra]
+        done = subprocess.run(PROBSEG + args, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[label] = read_results(tmp_path / label / "run/results/test_results.csv")
+    one, ddp = results["one"], results["ddp"]
+    assert [r["num_images"] for r in ddp] == [7, 7], "the padded repeat must be counted once"
+    for a, b in zip(one, ddp):
+        for key, value in a.items():
+            if key.endswith(("_mean", "_std")) and not math.isnan(value):  # the oracle has no Gini
+                assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

@@ -1,0 +1,227 @@
+"""Set metrics: ``matched_cost`` / ``empirical_wasserstein`` against brute-force permutations and a
+scipy ``linprog`` optimal-transport LP; GED and sample diversity against the definition with python
+loops and a hand-computed 1x4-pixel example."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from probseg.metrics.functional import (
+    empirical_wasserstein,
+    generalized_energy_distance,
+    matched_cost,
+    sample_diversity,
+)
+from tests.metrics._reference import mixed_masks, perturbed, ref_cost, ref_ged, ref_ot_lp, ref_within
+
+
+def brute_force_matching(cost: np.ndarray) -> float:
+    """Min over all permutations of the mean matched cost between lcm(S, R) replicas: sample i
+    repeated n/S times, rater j repeated n/R times."""
+    s, r = cost.shape
+    n = math.lcm(s, r)
+    rows = [i for i in range(s) for _ in range(n // s)]
+    cols = [j for j in range(r) for _ in range(n // r)]
+    full = cost[np.ix_(rows, cols)]
+    perms = np.array(list(itertools.permutations(range(n))))
+    return float(full[perms, np.arange(n)].mean(axis=1).min())
+
+
+def _costs(seed: int, b: int, s: int, r: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    cost = rng.random((b, s, r))
+    cost[0] = rng.integers(0, 3, (s, r))  # ties
+    return cost
+
+
+# ----------------------------------------------------------------------------- matched cost
+
+
+@pytest.mark.parametrize("s,r", [(1, 1), (2, 2), (4, 2), (6, 3), (6, 2), (6, 6), (6, 1), (3, 2), (2, 3), (4, 8)])
+def test_matched_cost_equals_brute_force_permutations(s: int, r: int) -> None:
+    """lcm(S, R) <= 8: every permutation of the replicated sets is enumerated."""
+    cost = _costs(s * 10 + r, 4, s, r)
+    got = matched_cost(torch.as_tensor(cost)).numpy()
+    np.testing.assert_allclose(got, [brute_force_matching(c) for c in cost], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("s,r", [(3, 2), (4, 6), (5, 3), (2, 7), (7, 4), (6, 4), (1, 5), (5, 1)])
+def test_matched_cost_equals_transport_lp(s: int, r: int) -> None:
+    """The mean matched cost is the optimal transport cost with marginals 1/S and 1/R (linprog)."""
+    cost = _costs(s * 10 + r + 1, 5, s, r)
+    got = matched_cost(torch.as_tensor(cost)).numpy()
+    np.testing.assert_allclose(got, [ref_ot_lp(c) for c in cost], rtol=1e-9, atol=1e-9)
+
+
+def test_matched_cost_by_hand() -> None:
+    """S = 2, R = 1: both samples go to the rater -> plain mean. S = 1, R = 2: mean over raters.
+    S = R = 2 with costs [[0, 1], [1, 0]]: the identity matching, 0. S = 3, R = 2 ([[0, 9], [9, 0],
+    [1, 2]]): samples 0 and 1 take 1/3 to their own rater, sample 2 splits 1/6 + 1/6 -> (1 + 2) / 6."""
+    assert matched_cost(torch.tensor([[[0.2], [0.6]]], dtype=torch.float64)).item() == pytest.approx(0.4)
+    assert matched_cost(torch.tensor([[[0.2, 0.6]]], dtype=torch.float64)).item() == pytest.approx(0.4)
+    assert matched_cost(torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])).item() == pytest.approx(0.0)
+    c = torch.tensor([[[0.0, 9.0], [9.0, 0.0], [1.0, 2.0]]], dtype=torch.float64)
+    assert matched_cost(c).item() == pytest.approx(0.5)
+
+
+def test_matched_cost_rater_mask_leaves_absent_raters_out() -> None:
+    """Per image, the result equals the LP / brute force on the present columns only, and equals
+    calling on the subset of present raters."""
+    rng = np.random.default_rng(4)
+    b, s, r = 5, 4, 5
+    cost = rng.random((b, s, r))
+    mask = rng.random((b, r)) < 0.6
+    mask[np.arange(b), rng.integers(0, r, b)] = True
+    mask[0] = [True, False, False, False, False]
+    got = matched_cost(torch.as_tensor(cost), torch.as_tensor(mask)).numpy()
+    for i in range(b):
+        expect = ref_ot_lp(cost[i][:, mask[i]])
+        assert got[i] == pytest.approx(expect, abs=1e-9)
+        alone = matched_cost(torch.as_tensor(cost[i : i + 1][:, :, mask[i]])).item()
+        assert got[i] == pytest.approx(alone, abs=1e-12)
+    # an absent rater with a tiny cost must not lower the result
+    c = torch.tensor([[[0.5, 0.0]]], dtype=torch.float64)
+    assert matched_cost(c, torch.tensor([[True, False]])).item() == pytest.approx(0.5)
+
+
+def test_matched_cost_keeps_dtype() -> None:
+    c = torch.rand(2, 3, 2)
+    assert matched_cost(c).dtype == torch.float32
+    assert matched_cost(c.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "cost,mask,match",
+    [
+        (torch.zeros(3, 2), None, "shape"),
+        (torch.tensor([[[float("nan")]]]), None, "NaN"),
+        (torch.tensor([[[float("inf")]]]), None, "NaN or Inf"),
+        (torch.zeros(2, 3, 2), torch.ones(2, 3, dtype=torch.bool), "rater_mask"),
+        (torch.zeros(2, 3, 2), torch.tensor([[True, False], [False, False]]), "at least one rater"),
+    ],
+)
+def test_matched_cost_errors(cost, mask, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        matched_cost(cost, mask)
+
+
+# ----------------------------------------------------------------------------- empirical Wasserstein
+
+
+def _sets(seed: int, b: int, s: int, r: int, h: int = 16, w: int = 18) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    target = mixed_masks(rng, (b, r, h, w))
+    pred = mixed_masks(rng, (b, s, h, w))
+    for i in range(b):
+        for j in range(s // 2):
+            pred[i, j] = perturbed(rng, target[i, int(rng.integers(r))], 0.05)
+    return pred, target
+
+
+@pytest.mark.parametrize("kernel", ["iou", "dice", "hausdorff", "ce"])
+@pytest.mark.parametrize("s,r", [(4, 2), (3, 2), (4, 6), (5, 3)])
+def test_empirical_wasserstein_equals_lp_on_brute_force_costs(kernel: str, s: int, r: int) -> None:
+    """Brute-force pair costs (numpy / scipy) fed to the transport LP."""
+    pred, target = _sets(s * 7 + r, 3, s, r)
+    if kernel == "ce":
+        rng = np.random.default_rng(0)
+        pred = np.clip(pred * 0.8 + rng.random(pred.shape) * 0.2, 0, 1)
+        pred[0, 0] = 0.0
+    got = empirical_wasserstein(torch.as_tensor(pred), torch.as_tensor(target), kernel).double().numpy()
+    costs = ref_cost(pred, target, kernel)
+    np.testing.assert_allclose(got, [ref_ot_lp(c) for c in costs], rtol=1e-5, atol=1e-5)
+
+
+def test_empirical_wasserstein_rater_mask_equals_subset_call() -> None:
+    """Absent raters left out: same as computing each image on its present raters only."""
+    pred, target = _sets(21, 4, 4, 4)
+    mask = np.array([[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 1], [0, 1, 1, 1]], bool)
+    for kernel in ("iou", "hausdorff"):
+        got = empirical_wasserstein(torch.as_tensor(pred), torch.as_tensor(target), kernel, torch.as_tensor(mask))
+        for i in range(4):
+            sub = torch.as_tensor(target[i : i + 1, mask[i]])
+            alone = empirical_wasserstein(torch.as_tensor(pred[i : i + 1]), sub, kernel).item()
+            assert got[i].item() == pytest.approx(alone, abs=1e-6)
+            assert got[i].item() == pytest.approx(ref_ot_lp(ref_cost(pred[i : i + 1], target[i : i + 1, mask[i]], kernel)[0]), abs=1e-5)
+
+
+def test_empirical_wasserstein_identical_sets_is_zero() -> None:
+    """S = 2R where the samples are the raters twice over: the matched cost is 0 for every kernel."""
+    _, target = _sets(8, 2, 2, 3)
+    pred = np.concatenate([target, target[:, ::-1]], axis=1)
+    for kernel in ("iou", "dice", "hausdorff"):
+        got = empirical_wasserstein(torch.as_tensor(pred), torch.as_tensor(target), kernel)
+        assert torch.allclose(got, torch.zeros(2), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- GED / diversity
+
+
+@pytest.mark.parametrize("self_pairs", [True, False])
+@pytest.mark.parametrize("s,r", [(4, 3), (1, 4), (3, 1), (5, 5)])
+def test_ged_matches_definition(s: int, r: int, self_pairs: bool) -> None:
+    """2 E d(S, Y) - E d(S, S') - E d(Y, Y') with d = 1 - IoU, python loops over pairs."""
+    pred, target = _sets(s * 3 + r, 3, s, r)
+    got = generalized_energy_distance(torch.as_tensor(pred), torch.as_tensor(target), self_pairs=self_pairs)
+    assert got.shape == (3,)
+    expect = [ref_ged(pred[i], target[i], None, self_pairs) for i in range(3)]
+    np.testing.assert_allclose(got.double().numpy(), expect, atol=1e-6)
+
+
+@pytest.mark.parametrize("self_pairs", [True, False])
+def test_ged_rater_mask(self_pairs: bool) -> None:
+    """Absent raters leave every term; equals the loop on present raters and the subset call."""
+    pred, target = _sets(31, 4, 3, 4)
+    mask = np.array([[1, 1, 1, 1], [1, 0, 0, 1], [0, 0, 1, 0], [1, 1, 0, 1]], bool)
+    got = generalized_energy_distance(torch.as_tensor(pred), torch.as_tensor(target), torch.as_tensor(mask), self_pairs)
+    for i in range(4):
+        assert got[i].item() == pytest.approx(ref_ged(pred[i], target[i], mask[i], self_pairs), abs=1e-6)
+        alone = generalized_energy_distance(
+            torch.as_tensor(pred[i : i + 1]), torch.as_tensor(target[i : i + 1, mask[i]]), self_pairs=self_pairs
+        )
+        assert got[i].item() == pytest.approx(alone.item(), abs=1e-6)
+
+
+def _row(*pixels: int) -> np.ndarray:
+    return np.array(pixels, bool).reshape(1, 4)
+
+
+def test_ged_and_diversity_by_hand_on_1x4_images() -> None:
+    """S = {1100, 0110}, Y = {1100, 0001}. d(S1, Y1) = 0, d(S1, Y2) = 1, d(S2, Y1) = 2/3, d(S2, Y2) = 1,
+    d(S1, S2) = 2/3, d(Y1, Y2) = 1. Cross mean = 2/3.
+    self_pairs: E d(S, S') = (2/3 + 2/3) / 4 = 1/3, E d(Y, Y') = 2 / 4 = 1/2 -> GED = 4/3 - 1/3 - 1/2 = 1/2.
+    distinct pairs: 2/3 and 1 -> GED = 4/3 - 2/3 - 1 = -1/3.
+    rater 2 absent: cross = 1/3, within Y = 0 -> GED = 2/3 - 1/3 = 1/3 (self) and 2/3 - 2/3 = 0 (distinct)."""
+    pred = torch.as_tensor(np.stack([_row(1, 1, 0, 0), _row(0, 1, 1, 0)])[None])
+    target = torch.as_tensor(np.stack([_row(1, 1, 0, 0), _row(0, 0, 0, 1)])[None])
+    absent = torch.tensor([[True, False]])
+    assert generalized_energy_distance(pred, target).item() == pytest.approx(1 / 2, abs=1e-6)
+    assert generalized_energy_distance(pred, target, self_pairs=False).item() == pytest.approx(-1 / 3, abs=1e-6)
+    assert generalized_energy_distance(pred, target, absent).item() == pytest.approx(1 / 3, abs=1e-6)
+    assert generalized_energy_distance(pred, target, absent, self_pairs=False).item() == pytest.approx(0.0, abs=1e-6)
+    assert sample_diversity(pred).item() == pytest.approx(1 / 3, abs=1e-6)
+    assert sample_diversity(pred, self_pairs=False).item() == pytest.approx(2 / 3, abs=1e-6)
+
+
+def test_ged_of_identical_sets_with_self_pairs_is_zero() -> None:
+    """Same set on both sides: with self pairs 2 E d(S, Y) = E d(S, S') + E d(Y, Y') exactly."""
+    _, target = _sets(40, 3, 2, 4)
+    got = generalized_energy_distance(torch.as_tensor(target), torch.as_tensor(target))
+    assert torch.allclose(got, torch.zeros(3), atol=1e-6)
+
+
+@pytest.mark.parametrize("self_pairs", [True, False])
+@pytest.mark.parametrize("s", [1, 2, 5])
+def test_sample_diversity_matches_definition(s: int, self_pairs: bool) -> None:
+    """Mean 1 - IoU over ordered pairs of samples (a single sample gives 0)."""
+    pred, _ = _sets(50 + s, 3, s, 1)
+    got = sample_diversity(torch.as_tensor(pred), self_pairs)
+    expect = [ref_within(list(pred[i]), self_pairs) for i in range(3)]
+    np.testing.assert_allclose(got.double().numpy(), expect, atol=1e-6)
+    if s == 1:
+        assert (got == 0).all()
