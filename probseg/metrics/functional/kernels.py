@@ -211,10 +211,12 @@ def _cross_entropy_cost(pred: torch.Tensor, target: torch.Tensor, eps: float) ->
     p = pred.flatten(2)
     p = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
     t = target.flatten(2).to(p.dtype)
-    pc = p.clamp(eps, 1 - eps)
-    log_not_p = torch.log(1 - pc)  # 1 - p is exact for p >= 1/2 and within 1 ulp below
-    # sum_n t log p + (1 - t) log(1 - p) = t . (log p - log(1 - p)) + sum_n log(1 - p): one matmul.
-    log_lik = (torch.log(pc) - log_not_p) @ t.transpose(1, 2) + log_not_p.sum(-1)[:, :, None]
+    # sum_n t log p + (1 - t) log(1 - p) = t . logit(p) + sum_n log(1 - p): one matmul, with
+    # log(1 - p) = log p - logit(p). Four passes over the pixels, which are memory-bound; clamping
+    # commutes with the monotone log, so log p is clamped after the log, in place.
+    logit = torch.logit(p, eps=eps)
+    log_not_p = torch.log(p).clamp_(math.log(eps), math.log1p(-eps)).sub_(logit)
+    log_lik = (logit @ t.transpose(1, 2)).double() + log_not_p.sum(-1).double()[:, :, None]
     cost = -log_lik / p.shape[-1]
     both_empty = (p.sum(-1) == 0)[:, :, None] & (t.sum(-1) == 0)[:, None, :]
     return torch.where(both_empty, torch.zeros_like(cost), cost).float()
@@ -269,16 +271,39 @@ def _directed(fg: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _distances_cpu(crop: np.ndarray) -> np.ndarray:
-    """(N, h, w) bool -> Euclidean distance maps (N, h, w) with scipy's exact linear-time
-    transform, one mask at a time (0 for an empty mask; its pairs follow the conventions)."""
+def _box(rows: np.ndarray, cols: np.ndarray) -> tuple[int, int, int, int]:
+    rr, cc = np.flatnonzero(rows), np.flatnonzero(cols)
+    return int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1
+
+
+def _directed_scipy(own: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """h(query_j -> own_i) for every pair: (N_query, N_own) directed Hausdorff distances.
+
+    Each own mask gets one exact Euclidean feature transform (scipy), on the smallest box that
+    holds the mask and every query pixel, so nearest pixels inside the box are the true ones; it
+    is read at the query masks' pixels and the squared distances maximized per query mask.
+    """
+    q_index, q_rows, q_cols = np.nonzero(query)  # sorted by query mask
+    out = np.zeros((query.shape[0], own.shape[0]))
+    if q_index.size == 0:
+        return out
+    starts = np.searchsorted(q_index, np.arange(query.shape[0]))
+    present = np.bincount(q_index, minlength=query.shape[0]) > 0
+    union_rows, union_cols = query.any(axis=2).any(axis=0), query.any(axis=1).any(axis=0)
+    own_rows, own_cols = own.any(axis=2), own.any(axis=1)
     from scipy.ndimage import distance_transform_edt
 
-    out = np.zeros(crop.shape, dtype=np.float64)
-    for i, mask in enumerate(crop):
-        if mask.any():
-            out[i] = distance_transform_edt(~mask)
-    return out
+    for i, mask in enumerate(own):
+        if not own_rows[i].any():
+            continue  # empty: its pairs follow the conventions
+        r0, r1, c0, c1 = _box(own_rows[i] | union_rows, own_cols[i] | union_cols)
+        # The feature transform (nearest foreground pixel of every pixel), read only at the query
+        # pixels: squared distances there are exact integers.
+        nearest = distance_transform_edt(~mask[r0:r1, c0:c1], return_distances=False, return_indices=True)
+        rows, cols = q_rows - r0, q_cols - c0
+        d2 = (rows - nearest[0, rows, cols]) ** 2 + (cols - nearest[1, rows, cols]) ** 2
+        out[present, i] = np.maximum.reduceat(d2, starts[present])
+    return np.sqrt(out)
 
 
 def _hausdorff_cost(
@@ -298,16 +323,15 @@ def _hausdorff_cost(
     if use_scipy is None:
         use_scipy = pred.device.type == "cpu"
     if use_scipy:
-        # On CPU scipy's linear-time transform on each image's own box beats the batched brute force.
+        # On CPU scipy's linear-time transform, on a box per mask, beats the batched brute force.
+        p_np, t_np = pred.cpu().numpy(), target.cpu().numpy()
         for i, box in enumerate(windows):
             if box is None:
                 continue
-            r0, r1, c0, c1 = box
-            crop = masks[i, :, r0:r1, c0:c1].cpu().numpy()
-            dist = _distances_cpu(crop).reshape(s + r, -1)
-            fg = crop.reshape(s + r, -1)
-            forward = np.where(fg[:s, None, :], dist[None, s:, :], 0.0).max(-1)  # h(pred -> target)
-            backward = np.where(fg[s:, None, :], dist[None, :s, :], 0.0).max(-1).T  # h(target -> pred)
+            r0, r1, c0, c1 = box  # the image's foreground box: every pixel that matters
+            p_img, t_img = p_np[i, :, r0:r1, c0:c1], t_np[i, :, r0:r1, c0:c1]
+            forward = _directed_scipy(t_img, p_img)  # h(pred -> target), (S, R)
+            backward = _directed_scipy(p_img, t_img).T  # h(target -> pred)
             cost[i] = torch.from_numpy(np.maximum(forward, backward)).to(cost.device)
     else:
         crop = _common_crop(masks, windows)
