@@ -15,10 +15,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[viz,test]'
 	touch $(STAMP)
 
-# Train the PU-Net on the built-in synthetic data, sample hypotheses for test images, and report how
-# well their spread matches the known rater distribution.
+# Train the PU-Net on the built-in synthetic data, evaluate it on the test split (results table with
+# the oracle row), sample hypotheses for test images, and report how well their spread matches the
+# known rater distribution.
 demo: $(STAMP)
 	$(BIN)/probseg fit --config experiments/synthetic/punet.yaml --trainer.default_root_dir $(DEMO_DIR)
+	$(BIN)/probseg test --config experiments/synthetic/punet.yaml --trainer.default_root_dir $(DEMO_DIR) \
+		--ckpt_path $(DEMO_DIR)/checkpoints/last.ckpt
 	$(BIN)/probseg sample --ckpt $(DEMO_DIR)/checkpoints/last.ckpt \
 		--data-config experiments/synthetic/punet.yaml --split test --index 0 1 2 3 4 5 6 7 \
 		--num-samples 16 --out $(DEMO_DIR)/samples

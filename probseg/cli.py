@@ -103,15 +103,18 @@ def results_main(argv: list[str]) -> int:
 def run_lightning(args: list[str]) -> Any:
     """Run Lightning's CLI on ``args`` (subcommand first), registry names resolved."""
     written: list[Path] = []
+    failed = True
     try:
-        return build_cli(resolve_model_names(args, written))
+        result = build_cli(resolve_model_names(args, written))
+        failed = False
+        return result
     finally:
         for path in written:
             path.unlink(missing_ok=True)
         # Close the W&B run, so a later command in the same process (a notebook) starts its own.
         wandb = sys.modules.get("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None:
-            wandb.finish()
+            wandb.finish(exit_code=1 if failed else 0)
 
 
 def build_cli(args: list[str], run: bool = True) -> Any:

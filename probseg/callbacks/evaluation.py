@@ -15,10 +15,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from probseg.metrics import HypothesisMetrics
+from probseg.metrics.base import NO_INDEX
 from probseg.metrics.functional import KERNELS
 from probseg.results import summarize, write_results
-
-_SPLIT = {"val": "val", "test": "test"}
 
 
 def per_image_generators(index: torch.Tensor, seed: int, device: torch.device) -> list[torch.Generator]:
@@ -33,6 +32,19 @@ def draw_generators(batch: dict[str, Any], seed: int, batch_idx: int, device: to
     if index is not None:
         return per_image_generators(torch.as_tensor(index), seed, device)
     return torch.Generator(device=device).manual_seed((seed << 32) + batch_idx)
+
+
+def evaluated_split(trainer: pl.Trainer, stage: str) -> Any:
+    """The datamodule's dataset of ``stage`` when the loader being evaluated reads exactly it, else
+    None (e.g. ``trainer.test(model, dataloaders=...)`` after a fit on a datamodule: Lightning
+    keeps the old datamodule attached, whose oracle would describe other images)."""
+    datamodule = trainer.datamodule
+    datasets = getattr(datamodule, "datasets", None)
+    loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+    if not isinstance(datasets, dict) or stage not in datasets or loaders is None:
+        return None
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    return datasets[stage] if len(loaders) == 1 and getattr(loaders[0], "dataset", None) is datasets[stage] else None
 
 
 def dataset_name(datamodule: Any) -> str:
@@ -50,9 +62,11 @@ class EvaluationCallback(Callback):
     (Hungarian-matched empirical Wasserstein metric per kernel), ``ged``, ``diversity``, ``ece``,
     ``bdice`` and ``gini`` (prior singular values; models with a latent prior). When the data
     module can sample its true rater distribution (``sample_oracle``, e.g. the synthetic data),
-    the same metrics of ``N_eval`` oracle draws are logged as ``"{stage}/oracle_{name}"``: the
-    best achievable on that data. At test end a results table (CSV, Markdown) and per-image
-    values are written to ``results_dir``.
+    the same metrics of ``N_eval`` oracle draws are logged as ``"{stage}/oracle_{name}"``: a
+    reference, the floor for the IoU, Dice and Hausdorff kernels and GED (the oracle's
+    hypotheses are hard 0/1 masks, so its cross-entropy and calibration are those of certain
+    predictions, which a soft predictor can beat). At test end a results table (CSV, Markdown)
+    and per-image values are written to ``results_dir``.
 
     Hypotheses of image i are drawn from a generator seeded by (seed, i), i = ``batch["index"]``,
     and each index counts once: the numbers do not depend on batching, on the number of
@@ -62,7 +76,8 @@ class EvaluationCallback(Callback):
         num_samples: N_eval hypotheses per image (the cSAE paper: 16).
         kernels: kernels of the Hungarian-matched metric.
         oracle: also evaluate the data's oracle sampler when it has one.
-        every_n_epochs: evaluate at every n-th validation epoch during fit (test: always).
+        every_n_epochs: during fit, evaluate the validations of every n-th training epoch
+            (``(epoch + 1) % n == 0``); validate and test always evaluate.
         seed: seed of the hypotheses.
         num_bins: ECE bins.
         self_pairs: GED and diversity include i = j pairs (published convention).
@@ -96,9 +111,16 @@ class EvaluationCallback(Callback):
         self.self_pairs = self_pairs
         self.results_dir = results_dir
         self._metrics: dict[str, HypothesisMetrics] = {}
-        self.last_results: list[dict] = []
+        self._oracle_split: dict[str, Any] = {}
+        self.last_results: list[dict] = []  # rows of the last test's results table
 
     # --- hooks -------------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer, "val")
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer, "test")
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -122,10 +144,16 @@ class EvaluationCallback(Callback):
 
     # --- work --------------------------------------------------------------------------------
 
+    def _start(self, trainer: pl.Trainer, stage: str) -> None:
+        # Drop what an interrupted evaluation left behind; decide once whether the oracle applies.
+        for source in ("model", "oracle"):
+            self._metrics.pop(f"{stage}/{source}", None)
+        self._oracle_split[stage] = evaluated_split(trainer, stage) if self.oracle else None
+
     def _due(self, trainer: pl.Trainer) -> bool:
         if trainer.sanity_checking:
             return False
-        return not trainer.state.fn == "fit" or (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        return trainer.state.fn != "fit" or (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _metric(self, key: str, pl_module: pl.LightningModule, gini: bool) -> HypothesisMetrics:
         if key not in self._metrics:
@@ -145,9 +173,10 @@ class EvaluationCallback(Callback):
         sigma = pl_module.prior_sigmas(images)
         metric = self._metric(f"{stage}/model", pl_module, gini=sigma is not None)
         metric.update(logits.float().softmax(dim=2), masks, rater_mask, index, None if sigma is None else sigma.float())
-        oracle = getattr(trainer.datamodule, "sample_oracle", None) if self.oracle else None
+        dataset = self._oracle_split.get(stage)
+        oracle = getattr(dataset, "sample_oracle", None)
         if oracle is not None and index is not None:
-            draws = torch.stack([oracle(int(i), self.num_samples, split=_SPLIT[stage]) for i in index.tolist()])
+            draws = torch.stack([oracle(int(i), self.num_samples) for i in index.tolist()])
             probs = torch.nn.functional.one_hot(draws.to(images.device), pl_module.num_classes)
             self._metric(f"{stage}/oracle", pl_module, gini=False).update(
                 probs.permute(0, 1, 4, 2, 3).float(), masks, rater_mask, index
@@ -162,20 +191,21 @@ class EvaluationCallback(Callback):
             values = {f"{prefix}{name}": value.float() for name, value in metric.compute().items()}
             # Values are already gathered across processes; sync_dist averages identical copies.
             pl_module.log_dict(values, sync_dist=True)
-            if source == "model":
-                self.last_results = [values]
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, per_image: dict[str, Any]) -> None:
         model = getattr(pl_module, "registry_name", "") or type(pl_module).__name__
-        common = {"model": model, "dataset": dataset_name(trainer.datamodule), "num_samples": self.num_samples}
+        own_data = evaluated_split(trainer, "test") is not None
+        common = {"model": model, "dataset": dataset_name(trainer.datamodule) if own_data else "",
+                  "num_samples": self.num_samples}
         rows, table = [], {}
         for source, (values, index) in per_image.items():
             rows.append({**common, "source": source, "num_images": int(index.numel()), **summarize(values)})
             prefix = "" if source == "model" else "oracle_"
             for i, idx in enumerate(index.tolist()):
-                entry = table.setdefault(idx, {"index": idx})
+                key = idx if idx != NO_INDEX else f"position {i}"  # batches without "index"
+                entry = table.setdefault(key, {"index": idx if idx != NO_INDEX else i})
                 entry.update({f"{prefix}{name}": float(v[i]) for name, v in values.items()})
         folder = Path(self.results_dir or os.path.join(trainer.default_root_dir, "results"))
-        paths = write_results(folder, rows, [table[k] for k in sorted(table)])
+        paths = write_results(folder, rows, list(table.values()))
         self.last_results = rows
         print("\nprobseg test results:\n" + paths[1].read_text() + "".join(f"  written: {p}\n" for p in paths))

@@ -18,7 +18,8 @@ class SampleGridCallback(Callback):
     """After every ``every_n_epochs``-th validation, draw hypotheses for the first ``num_images``
     images of ``split`` and save one grid per image (:func:`probseg.viz.plot_sample_grid`) as
     ``{output_dir}/epoch{E}_{id}.png``; logged to W&B as ``"{split}/samples"`` when a W&B logger
-    is attached. Needs matplotlib (``probseg[viz]``).
+    is attached (with several validations per epoch, the epoch's last grids stay on disk). Needs
+    matplotlib (``probseg[viz]``).
 
     Args:
         num_images: images shown.
@@ -26,7 +27,7 @@ class SampleGridCallback(Callback):
         every_n_epochs: interval in epochs.
         split: data split the images come from.
         seed: seed of the hypotheses (the same images and noise every epoch, so grids compare).
-        output_dir: PNG folder (default ``{default_root_dir}/samples``).
+        output_dir: PNG folder (default ``{default_root_dir}/sample_grids``).
     """
 
     def __init__(self, num_images: int = 4, num_samples: int = 8, every_n_epochs: int = 1, split: str = "val",
@@ -54,7 +55,7 @@ class SampleGridCallback(Callback):
         index = torch.tensor([it.get("index", i) for i, it in enumerate(items)])
         logits = pl_module.sample(images, self.num_samples, generator=per_image_generators(index, self.seed, images.device))
         probs = logits.float().softmax(dim=2).cpu().numpy()
-        folder = Path(self.output_dir or os.path.join(trainer.default_root_dir, "samples"))
+        folder = Path(self.output_dir or os.path.join(trainer.default_root_dir, "sample_grids"))
         paths = []
         for item, p in zip(items, probs):
             key = str(item.get("id", len(paths)))

@@ -15,6 +15,8 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from probseg.metrics.functional._checks import accumulation_dtype
+
 NO_INDEX = -1
 """Index stored for images whose dataset index is unknown (never deduplicated)."""
 
@@ -47,18 +49,21 @@ class PerImageMetric(Metric):
         batch = next(iter(values.values())).shape[0]
         if index is None:
             index = torch.full((batch,), NO_INDEX, dtype=torch.long, device=self.device)
-        index = torch.as_tensor(index, device=self.device).long().flatten()
+        index = torch.as_tensor(index, device=self.device)
+        if index.is_floating_point():
+            raise TypeError(f"index must hold integer dataset indices, got dtype {index.dtype}")
+        index = index.long().flatten()
         if index.shape != (batch,):
             raise ValueError(f"index must hold one dataset index per image ({batch}), got {tuple(index.shape)}")
         for name, value in values.items():
-            getattr(self, f"values_{name}").append(value.detach().double().to(self.device))
+            getattr(self, f"values_{name}").append(value.detach().to(self.device, accumulation_dtype(self.device)))
         self.index.append(index)
 
     def _gathered(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         # Lists of batch tensors before a sync, one gathered tensor after it.
         empty = self.index.numel() == 0 if isinstance(self.index, torch.Tensor) else not self.index
         if empty:
-            empty = torch.zeros(0, dtype=torch.float64, device=self.device)
+            empty = torch.zeros(0, dtype=accumulation_dtype(self.device), device=self.device)
             return {name: empty for name in self.value_names}, torch.zeros(0, dtype=torch.long, device=self.device)
         index = dim_zero_cat(self.index)
         values = {name: dim_zero_cat(getattr(self, f"values_{name}")) for name in self.value_names}
@@ -76,8 +81,9 @@ class PerImageMetric(Metric):
         return {name: v[first] for name, v in values.items()}, unique
 
     def per_image(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The per-image values (one per distinct dataset index, sorted by index) and the indices,
-        gathered from every process."""
+        """The per-image values and their dataset indices, gathered from every process: one value
+        per distinct index, sorted by index; images stored without an index (index -1) are all
+        kept, in the order they came."""
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=True):
             values, index = self._gathered()
         return values, index
@@ -87,7 +93,7 @@ class PerImageMetric(Metric):
         image was seen."""
         values, _ = self._gathered()
         means = {
-            name: v.mean() if v.numel() else torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
+            name: v.mean() if v.numel() else torch.tensor(float("nan"), dtype=accumulation_dtype(self.device), device=self.device)
             for name, v in values.items()
         }
         return means[self.value_names[0]] if len(means) == 1 else means

@@ -94,7 +94,19 @@ class HypothesisMetrics(PerImageMetric):
         check_probabilities(probs, "probs")
         if target.ndim != 4 or target.is_floating_point():
             raise ValueError(f"target must be (B, R, H, W) integer class ids, got {tuple(target.shape)} {target.dtype}")
-        labels = probs.argmax(dim=2)
+        if target.shape[0] != probs.shape[0] or target.shape[-2:] != probs.shape[-2:]:
+            raise ValueError(f"probs {tuple(probs.shape)} and target {tuple(target.shape)} must share B, H and W")
+        if not torch.allclose(probs.sum(dim=2), torch.ones((), dtype=probs.dtype, device=probs.device), atol=1e-3):
+            raise ValueError("probs must sum to 1 over the class dimension (dim 2); pass softmax(logits, dim=2)")
+        if "gini" in self.value_names and (sigma is None or sigma.ndim != 2 or sigma.shape[0] != probs.shape[0]):
+            raise ValueError(
+                f"this HypothesisMetrics stores the Gini index: pass sigma = (B, L) prior sigmas with B = {probs.shape[0]}, "
+                f"got {None if sigma is None else tuple(sigma.shape)}"
+            )
+        if self.num_classes == 2:
+            labels = (probs[:, :, 1] > probs[:, :, 0]).long()  # arg-max, ties to class 0, without a strided reduction
+        else:
+            labels = probs.movedim(2, -1).contiguous().argmax(dim=-1)
         costs = self._costs(probs, labels, target)
         values = {f"hm_{k}": F.matched_cost(costs[k], rater_mask) for k in self.kernels}
         iou = costs["iou"]
@@ -106,8 +118,6 @@ class HypothesisMetrics(PerImageMetric):
         values["ece"] = F.expected_calibration_error(probs, target, rater_mask, self.num_bins)
         values["bdice"] = F.binarized_dice(probs, target, rater_mask)
         if "gini" in self.value_names:
-            if sigma is None:
-                raise ValueError("this HypothesisMetrics stores the Gini index: pass sigma=(B, L) prior sigmas")
             values["gini"] = F.gini_index(sigma)
         self._store(values, index)
 

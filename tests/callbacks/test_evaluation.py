@@ -65,7 +65,7 @@ def test_fit_logs_every_metric_and_the_oracle(trained: Path) -> None:
 
 
 def test_sample_grids_are_written_and_sent_to_wandb(trained: Path) -> None:
-    pngs = sorted((trained / "run/samples").glob("*.png"))
+    pngs = sorted((trained / "run/sample_grids").glob("*.png"))
     # 16 training images in batches of 8: validation ends epochs 0 and 1.
     assert [p.name for p in pngs] == [f"epoch00{e}_synthetic-val-0000{i}.png" for e in (0, 1) for i in (0, 1)]
     media = list((trained / "run/wandb").glob("offline-run-*/files/media/images/val/samples_*.png"))
@@ -178,3 +178,38 @@ def test_ddp_evaluation_equals_one_process_on_an_uneven_split(trained: Path, tmp
         for key, value in a.items():
             if key.endswith(("_mean", "_std")) and not math.isnan(value):  # the oracle has no Gini
                 assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def _tiny_trainer(root: Path, callback: EvaluationCallback):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(default_root_dir=str(root), accelerator="cpu", devices=1, logger=False, max_steps=1,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[callback], limit_val_batches=0)
+
+
+def test_no_oracle_for_loaders_that_are_not_the_datamodule_split(tmp_path: Path) -> None:
+    """After a fit on a datamodule, ``trainer.test(dataloaders=other)`` keeps the old datamodule
+    attached: its oracle describes other images, so no oracle row may be written, and images
+    without ``index`` each keep their own per-image row."""
+    from torch.utils.data import DataLoader
+
+    from probseg.data import SyntheticDataset
+
+    torch.manual_seed(0)
+    model = ProbUNet(**TINY_PUNET)
+    dm = SyntheticDataModule(image_size=32, num_train=4, num_val=2, num_test=2, num_raters=2, batch_size=2)
+    callback = EvaluationCallback(num_samples=2, kernels=["iou"])
+    trainer = _tiny_trainer(tmp_path, callback)
+    trainer.fit(model, datamodule=dm)
+    other = SyntheticDataset(5, split="test", image_size=32, num_raters=2, seed=123)
+    no_index = [{k: v for k, v in other[i].items() if k != "index"} for i in range(5)]
+    trainer.test(model, dataloaders=DataLoader(no_index, batch_size=2))
+    assert [r["source"] for r in callback.last_results] == ["model"]
+    assert callback.last_results[0]["dataset"] == "" and callback.last_results[0]["num_images"] == 5
+    per_image = _rows(tmp_path / "results/test_per_image.csv")
+    assert [int(r["index"]) for r in per_image] == [0, 1, 2, 3, 4]
+    # The datamodule's own test split gets its oracle row back.
+    trainer.test(model, datamodule=dm)
+    assert [r["source"] for r in callback.last_results] == ["model", "oracle"]
+    assert callback.last_results[0]["dataset"] == "synthetic"

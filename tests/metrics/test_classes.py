@@ -274,3 +274,25 @@ def test_hypothesis_metrics_errors() -> None:
         HypothesisMetrics(kernels=("iou", "emd"))
     with pytest.raises(ValueError, match="num_classes"):
         HypothesisMetrics(num_classes=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sigma": None}, r"pass sigma = \(B, L\) prior sigmas with B = 2, got None"),
+        ({"sigma": torch.ones(3, 4)}, r"with B = 2, got \(3, 4\)"),
+        ({"probs": torch.full((2, 3, 2, 8, 8), 0.3)}, "sum to 1 over the class dimension"),
+        ({"target": torch.zeros(2, 2, 8, 9, dtype=torch.long)}, r"probs \(2, 3, 2, 8, 8\) and target \(2, 2, 8, 9\)"),
+        ({"index": torch.tensor([0.5, 1.7])}, "integer dataset indices"),
+    ],
+)
+def test_hypothesis_metrics_input_errors(kwargs: dict, match: str) -> None:
+    args = {
+        "probs": torch.full((2, 3, 2, 8, 8), 0.5),
+        "target": torch.zeros(2, 2, 8, 8, dtype=torch.long),
+        "index": torch.tensor([0, 1]),
+        "sigma": torch.ones(2, 4),
+        **kwargs,
+    }
+    with pytest.raises((ValueError, TypeError), match=match):
+        HypothesisMetrics().update(args["probs"], args["target"], index=args["index"], sigma=args["sigma"])

@@ -329,7 +329,8 @@ def _m(*shape: int, dtype=torch.bool) -> torch.Tensor:
         (_m(1, 2, 5, 4), _m(1, 2, 4, 4), "hausdorff", ValueError, "must share"),
         (_m(2, 4, 4), _m(1, 2, 4, 4), "iou", ValueError, "shape"),
         (_m(1, 2, 4, 4), _m(1, 1, 2, 4, 4), "iou", ValueError, "shape"),
-        (_m(1, 0, 4, 4), _m(1, 2, 4, 4), "iou", ValueError, "empty set"),
+        (_m(1, 0, 4, 4), _m(1, 2, 4, 4), "iou", ValueError, "pred is empty"),
+        (_m(0, 2, 4, 4), _m(0, 2, 4, 4), "ce", ValueError, "is empty"),
         (torch.full((1, 1, 3, 3), 2), _m(1, 1, 3, 3), "iou", ValueError, "binary"),
         (_m(1, 1, 3, 3), torch.full((1, 1, 3, 3), 2.0), "hausdorff", ValueError, "binary"),
         (torch.full((1, 1, 3, 3), 0.5), _m(1, 1, 3, 3), "dice", ValueError, "binary"),
@@ -368,3 +369,16 @@ def test_per_class_and_distance_transform_errors() -> None:
         per_class_pairwise_cost(labels, labels, 3, "l2")
     with pytest.raises(ValueError, match="shape"):
         squared_distance_transform(torch.zeros(4, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kernel", ["iou", "hausdorff"])
+def test_per_class_cost_rejects_class_ids_outside_the_range(kernel: str) -> None:
+    labels = torch.zeros(1, 2, 4, 4, dtype=torch.long)
+    bad = labels.clone()
+    bad[0, 0, 0, 0] = 7
+    with pytest.raises(ValueError, match=r"target holds class ids in \[0, 7\]"):
+        per_class_pairwise_cost(labels, bad, 3, kernel)
+    with pytest.raises(ValueError, match=r"pred holds class ids in \[0, 7\]"):
+        per_class_pairwise_cost(bad, labels, 3, kernel)
+    with pytest.raises(TypeError, match="integer class ids"):
+        per_class_pairwise_cost(labels.float(), labels, 3, kernel)

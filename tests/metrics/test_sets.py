@@ -225,3 +225,36 @@ def test_sample_diversity_matches_definition(s: int, self_pairs: bool) -> None:
     np.testing.assert_allclose(got.double().numpy(), expect, atol=1e-6)
     if s == 1:
         assert (got == 0).all()
+
+
+def test_large_coprime_sets_use_the_transport_lp_with_the_same_value() -> None:
+    """S = 37, R = 31: lcm 1147 is above LP_ABOVE, so the S x R linear program answers; it must
+    equal the assignment on the replicated sets (computed here with scipy directly)."""
+    from scipy.optimize import linear_sum_assignment
+
+    from probseg.metrics.functional.sets import LP_ABOVE
+
+    rng = np.random.default_rng(3)
+    cost = rng.random((2, 37, 31))
+    n = math.lcm(37, 31)
+    assert n > LP_ABOVE
+    got = matched_cost(torch.from_numpy(cost))
+    for b in range(2):
+        full = np.repeat(np.repeat(cost[b], n // 37, axis=0), n // 31, axis=1)
+        rows, cols = linear_sum_assignment(full)
+        assert got[b].item() == pytest.approx(full[rows, cols].mean(), abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("rater_mask", "exc", "match"),
+    [
+        ([[True, True]], TypeError, "bool tensor"),
+        (torch.tensor([[0.5, 1.0]]), ValueError, "binary"),
+        (torch.tensor([[False, False]]), ValueError, "at least one rater"),
+        (torch.ones(1, 3, dtype=torch.bool), ValueError, r"\(B, R\)"),
+    ],
+)
+def test_rater_mask_errors(rater_mask, exc, match) -> None:
+    cost = torch.rand(1, 4, 2)
+    with pytest.raises(exc, match=match):
+        matched_cost(cost, rater_mask)

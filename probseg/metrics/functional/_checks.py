@@ -12,6 +12,8 @@ def check_set(x: torch.Tensor, name: str, rank: int = 4) -> None:
     if x.ndim != rank:
         layout = {4: "(B, N, H, W)", 5: "(B, N, K, H, W)"}.get(rank, f"rank {rank}")
         raise ValueError(f"{name} must have shape {layout}, got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty, shape {tuple(x.shape)}")
 
 
 def check_pair(pred: torch.Tensor, target: torch.Tensor, pred_name: str = "pred", target_name: str = "target") -> None:
@@ -23,8 +25,8 @@ def check_pair(pred: torch.Tensor, target: torch.Tensor, pred_name: str = "pred"
             f"{pred_name} {tuple(pred.shape)} and {target_name} {tuple(target.shape)} must share the batch "
             "size B and the image size (H, W)"
         )
-    if pred.shape[1] < 1 or target.shape[1] < 1:
-        raise ValueError(f"empty set: {pred_name} {tuple(pred.shape)}, {target_name} {tuple(target.shape)}")
+    if pred.device != target.device:
+        raise ValueError(f"{pred_name} is on {pred.device} and {target_name} on {target.device}; use one device")
 
 
 def check_binary(x: torch.Tensor, name: str) -> None:
@@ -52,9 +54,27 @@ def check_rater_mask(rater_mask: torch.Tensor | None, target: torch.Tensor, name
     b, r = target.shape[:2]
     if rater_mask is None:
         return torch.ones(b, r, dtype=torch.bool, device=target.device)
+    if not isinstance(rater_mask, torch.Tensor):
+        raise TypeError(f"{name} must be a (B, R) bool tensor, got {type(rater_mask).__name__}")
     if rater_mask.shape != (b, r):
         raise ValueError(f"{name} must have shape (B, R) = {(b, r)}, got {tuple(rater_mask.shape)}")
+    if rater_mask.dtype != torch.bool:
+        check_binary(rater_mask, name)
     rater_mask = rater_mask.to(device=target.device, dtype=torch.bool)
     if not bool(rater_mask.any(dim=1).all()):
         raise ValueError(f"every image needs at least one rater: a row of {name} is all False")
     return rater_mask
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums and stored values, except on devices without it (Apple MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def check_class_ids(x: torch.Tensor, num_classes: int, name: str) -> None:
+    """``x`` must hold integer class ids in [0, num_classes)."""
+    if x.is_floating_point():
+        raise TypeError(f"{name} must hold integer class ids, got dtype {x.dtype}")
+    low, high = torch.stack(torch.aminmax(x.long())).tolist()
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"{name} holds class ids in [{low}, {high}], outside [0, {num_classes - 1}]")

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from probseg.data.fusion import majority_vote
-from probseg.metrics.functional._checks import check_probabilities, check_rater_mask, check_set
+from probseg.metrics.functional._checks import accumulation_dtype, check_probabilities, check_rater_mask, check_set
 
 BDICE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """QUBIQ's threshold levels."""
@@ -70,13 +70,14 @@ def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor, num_bins: 
     if num_bins < 1:
         raise ValueError(f"num_bins must be positive, got {num_bins}")
     b, n = confidence.shape
-    conf = confidence.double()
+    wide = accumulation_dtype(confidence.device)
+    conf = confidence.to(wide)
     bins = (conf * num_bins).long().clamp_(0, num_bins - 1)
     flat = (bins + num_bins * torch.arange(b, device=bins.device)[:, None]).flatten()
-    stats = torch.zeros(3, b * num_bins, dtype=torch.float64, device=conf.device)
+    stats = torch.zeros(3, b * num_bins, dtype=wide, device=conf.device)
     stats[0].index_add_(0, flat, torch.ones_like(conf).flatten())
     stats[1].index_add_(0, flat, conf.flatten())
-    stats[2].index_add_(0, flat, correct.double().flatten())
+    stats[2].index_add_(0, flat, correct.to(wide).flatten())
     return stats.view(3, b, num_bins).permute(1, 2, 0)
 
 
@@ -140,6 +141,7 @@ def binarized_dice(
         fg_target = votes[:, None, :] * den[None, :, None] > (num[None, :] * raters[:, None])[:, :, None]
         inter = (fg_pred & fg_target).sum(dim=-1)
         total = fg_pred.sum(dim=-1) + fg_target.sum(dim=-1)
-        dice = torch.where(total > 0, 2 * inter.double() / total.clamp_min(1).double(), torch.ones_like(total, dtype=torch.float64))
+        wide = accumulation_dtype(total.device)
+        dice = torch.where(total > 0, 2 * inter.to(wide) / total.clamp_min(1).to(wide), torch.ones_like(total, dtype=wide))
         per_class.append(dice.mean(dim=1))
     return torch.stack(per_class, dim=1).mean(dim=1).to(probs.dtype)

@@ -28,14 +28,22 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from probseg.metrics.functional._checks import check_binary, check_pair, check_probabilities, check_set
+from probseg.metrics.functional._checks import (
+    accumulation_dtype,
+    check_binary,
+    check_class_ids,
+    check_pair,
+    check_probabilities,
+    check_set,
+)
 
 KERNELS = ("iou", "dice", "hausdorff", "ce")
 """Names accepted by :func:`pairwise_cost`."""
 
 CE_EPS = 1e-7
-"""Default clamp of the probabilities of the ``"ce"`` kernel: a certain mistake costs
--log(1e-7) ~ 16.1 nats per pixel instead of infinity."""
+"""Default clamp of the probabilities of the ``"ce"`` kernel: a certain mistake costs about
+-log(1e-7) ~ 16.1 nats per pixel instead of infinity. The clamp happens in the input's precision:
+in float32, 1 - 1e-7 rounds to 1 - 1.19e-7, so a certain false positive costs 15.9 nats."""
 
 # Bound on the elements of one broadcast intermediate (64 MiB of float32).
 _CHUNK_ELEMENTS = 1 << 24
@@ -134,6 +142,7 @@ def per_class_pairwise_cost(
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     check_set(target, "target")
+    check_class_ids(target, num_classes, "target")
     if kernel == "ce":
         check_set(pred, "pred", rank=5)
         if pred.shape[2] != num_classes:
@@ -141,8 +150,7 @@ def per_class_pairwise_cost(
         per_class = [pairwise_cost(pred[:, :, c], target == c, "ce", eps=eps) for c in range(1, num_classes)]
     else:
         check_set(pred, "pred")
-        if pred.is_floating_point():
-            raise TypeError(f"pred must hold integer class ids for the {kernel!r} kernel, got dtype {pred.dtype}")
+        check_class_ids(pred, num_classes, "pred")
         per_class = [pairwise_cost(pred == c, target == c, kernel) for c in range(1, num_classes)]
     costs = torch.stack(per_class, dim=1)
     return costs.mean(dim=1) if average else costs
@@ -159,13 +167,7 @@ def foreground_windows(*sets: torch.Tensor) -> list[tuple[int, int, int, int] | 
         r, c = m.any(axis=(1, 3)), m.any(axis=(1, 2))
         rows, cols = (r, c) if rows is None else (rows | r, cols | c)
     out: list[tuple[int, int, int, int] | None] = []
-    for r, c in zip(rows, cols):
-        if not r.any():
-            out.append(None)
-            continue
-        rr, cc = np.flatnonzero(r), np.flatnonzero(c)
-        out.append((int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1))
-    return out
+    return [_box(r, c) if r.any() else None for r, c in zip(rows, cols)]
 
 
 def _common_crop(masks: torch.Tensor, windows: list[tuple[int, int, int, int] | None]) -> torch.Tensor:
@@ -216,7 +218,8 @@ def _cross_entropy_cost(pred: torch.Tensor, target: torch.Tensor, eps: float) ->
     # commutes with the monotone log, so log p is clamped after the log, in place.
     logit = torch.logit(p, eps=eps)
     log_not_p = torch.log(p).clamp_(math.log(eps), math.log1p(-eps)).sub_(logit)
-    log_lik = (logit @ t.transpose(1, 2)).double() + log_not_p.sum(-1).double()[:, :, None]
+    wide = accumulation_dtype(p.device)
+    log_lik = (logit @ t.transpose(1, 2)).to(wide) + log_not_p.sum(-1).to(wide)[:, :, None]
     cost = -log_lik / p.shape[-1]
     both_empty = (p.sum(-1) == 0)[:, :, None] & (t.sum(-1) == 0)[:, None, :]
     return torch.where(both_empty, torch.zeros_like(cost), cost).float()
@@ -252,11 +255,12 @@ def squared_distance_transform(masks: torch.Tensor) -> torch.Tensor:
     g2 = torch.minimum(rows - above, below - rows).square()  # inf in columns without foreground
     cols = torch.arange(w, dtype=torch.float32, device=masks.device)
     dj2 = (cols[:, None] - cols[None, :]).square()  # (w_out, w_in)
-    out = torch.empty(m, h, w, dtype=torch.float32, device=masks.device)
-    step = max(1, _CHUNK_ELEMENTS // (h * w * w))
-    for start in range(0, m, step):
-        out[start : start + step] = (g2[start : start + step, :, None, :] + dj2).amin(dim=-1)
-    return out
+    rows_g2 = g2.reshape(m * h, w)
+    out = torch.empty(m * h, w, dtype=torch.float32, device=masks.device)
+    step = max(1, _CHUNK_ELEMENTS // (w * w))  # image rows per chunk: a bounded (rows, w, w) intermediate
+    for start in range(0, m * h, step):
+        out[start : start + step] = (rows_g2[start : start + step, None, :] + dj2).amin(dim=-1)
+    return out.view(m, h, w)
 
 
 def _directed(fg: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
@@ -265,13 +269,15 @@ def _directed(fg: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     b, s, n = fg.shape
     r = dist.shape[1]
     out = torch.empty(b, s, r, dtype=dist.dtype, device=dist.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, b * r * n))
-    for start in range(0, s, step):
-        out[:, start : start + step] = (fg[:, start : start + step, None, :] * dist[:, None]).amax(dim=-1)
+    step = max(1, _CHUNK_ELEMENTS // max(1, r * n))  # masks per chunk: a bounded (step, R, N) intermediate
+    for i in range(b):
+        for start in range(0, s, step):
+            out[i, start : start + step] = (fg[i, start : start + step, None, :] * dist[i, None]).amax(dim=-1)
     return out
 
 
 def _box(rows: np.ndarray, cols: np.ndarray) -> tuple[int, int, int, int]:
+    """(row0, row1, col0, col1), end exclusive, of the True entries of row and column flags."""
     rr, cc = np.flatnonzero(rows), np.flatnonzero(cols)
     return int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1
 
