@@ -282,34 +282,26 @@ def _box(rows: np.ndarray, cols: np.ndarray) -> tuple[int, int, int, int]:
     return int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1
 
 
-def _directed_scipy(own: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """h(query_j -> own_i) for every pair: (N_query, N_own) directed Hausdorff distances.
-
-    Each own mask gets one exact Euclidean feature transform (scipy), on the smallest box that
-    holds the mask and every query pixel, so nearest pixels inside the box are the true ones; it
-    is read at the query masks' pixels and the squared distances maximized per query mask.
-    """
-    q_index, q_rows, q_cols = np.nonzero(query)  # sorted by query mask
-    out = np.zeros((query.shape[0], own.shape[0]))
-    if q_index.size == 0:
-        return out
-    starts = np.searchsorted(q_index, np.arange(query.shape[0]))
-    present = np.bincount(q_index, minlength=query.shape[0]) > 0
-    union_rows, union_cols = query.any(axis=2).any(axis=0), query.any(axis=1).any(axis=0)
-    own_rows, own_cols = own.any(axis=2), own.any(axis=1)
+def _squared_distances_scipy(masks: np.ndarray) -> np.ndarray:
+    """(N, h, w) bool -> (N, h, w) exact squared Euclidean distance to each mask's nearest
+    foreground pixel, from scipy's linear-time feature transform (0 for an empty mask)."""
     from scipy.ndimage import distance_transform_edt
 
-    for i, mask in enumerate(own):
-        if not own_rows[i].any():
-            continue  # empty: its pairs follow the conventions
-        r0, r1, c0, c1 = _box(own_rows[i] | union_rows, own_cols[i] | union_cols)
-        # The feature transform (nearest foreground pixel of every pixel), read only at the query
-        # pixels: squared distances there are exact integers.
-        nearest = distance_transform_edt(~mask[r0:r1, c0:c1], return_distances=False, return_indices=True)
-        rows, cols = q_rows - r0, q_cols - c0
-        d2 = (rows - nearest[0, rows, cols]) ** 2 + (cols - nearest[1, rows, cols]) ** 2
-        out[present, i] = np.maximum.reduceat(d2, starts[present])
-    return np.sqrt(out)
+    n, h, w = masks.shape
+    out = np.zeros((n, h, w), dtype=np.int64)
+    grid = np.indices((h, w))
+    for i, mask in enumerate(masks):
+        if mask.any():
+            nearest = distance_transform_edt(~mask, return_distances=False, return_indices=True)
+            out[i] = ((nearest - grid) ** 2).sum(axis=0)
+    return out
+
+
+def _directed_max(query: np.ndarray, d2: np.ndarray) -> np.ndarray:
+    """(Q, h, w) masks and (O, h, w) squared distances -> (Q, O) max of each map over each mask."""
+    q, o = query.shape[0], d2.shape[0]
+    flat_q, flat_d = query.reshape(q, 1, -1), d2.reshape(1, o, -1)
+    return np.where(flat_q, flat_d, 0).max(axis=-1)
 
 
 def _hausdorff_cost(
@@ -322,23 +314,26 @@ def _hausdorff_cost(
     b, s, h, w = pred.shape
     r = target.shape[1]
     masks = torch.cat([pred, target], dim=1)
-    empty = ~masks.flatten(2).any(dim=-1)  # (B, S + R)
-    cost = torch.zeros(b, s, r, dtype=torch.float32, device=pred.device)
-    if all(box is None for box in windows):
-        return cost
     if use_scipy is None:
         use_scipy = pred.device.type == "cpu"
+    if masks.device.type == "cpu":  # numpy's boolean reductions are much faster than torch's
+        empty = ~torch.from_numpy(masks.numpy().reshape(b, s + r, -1).any(axis=-1))
+    else:
+        empty = ~masks.flatten(2).any(dim=-1)  # (B, S + R)
+    cost = torch.zeros(b, s, r, dtype=torch.float32)
+    if all(box is None for box in windows):
+        return cost.to(pred.device)
     if use_scipy:
-        # On CPU scipy's linear-time transform, on a box per mask, beats the batched brute force.
+        # On CPU scipy's linear-time transform, on each image's box, beats the batched brute force.
         p_np, t_np = pred.cpu().numpy(), target.cpu().numpy()
         for i, box in enumerate(windows):
             if box is None:
                 continue
             r0, r1, c0, c1 = box  # the image's foreground box: every pixel that matters
             p_img, t_img = p_np[i, :, r0:r1, c0:c1], t_np[i, :, r0:r1, c0:c1]
-            forward = _directed_scipy(t_img, p_img)  # h(pred -> target), (S, R)
-            backward = _directed_scipy(p_img, t_img).T  # h(target -> pred)
-            cost[i] = torch.from_numpy(np.maximum(forward, backward)).to(cost.device)
+            forward = _directed_max(p_img, _squared_distances_scipy(t_img))  # h(pred -> target)^2, (S, R)
+            backward = _directed_max(t_img, _squared_distances_scipy(p_img)).T  # h(target -> pred)^2
+            cost[i] = torch.from_numpy(np.sqrt(np.maximum(forward, backward)))
     else:
         crop = _common_crop(masks, windows)
         d2 = squared_distance_transform(crop.flatten(0, 1)).reshape(b, s + r, -1)
@@ -347,6 +342,7 @@ def _hausdorff_cost(
         forward = _directed(fg[:, :s], d2[:, s:])
         backward = _directed(fg[:, s:], d2[:, :s]).transpose(1, 2)
         cost = torch.maximum(forward, backward).sqrt()
+    cost = cost.to(pred.device)
     one_empty = empty[:, :s, None] ^ empty[:, None, s:]
     both_empty = empty[:, :s, None] & empty[:, None, s:]
     cost = torch.where(both_empty, torch.zeros_like(cost), cost)
