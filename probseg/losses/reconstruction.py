@@ -1,0 +1,95 @@
+"""The reconstruction term of every zoo model: a weighted sum of losses configured in YAML.
+
+``{"ce": 0.25, "dml1": 0.75}`` is the Dice semimetric paper's mix. Components:
+
+* ``"ce"``: cross-entropy from the logits (stable log-softmax), hard or soft targets;
+* a region loss of :data:`~probseg.losses.functional.REGION_LOSSES` on the softmax probabilities;
+* ``"uniform_kl"``: per pixel -mean_c log p_c (pulls predictions towards uniform; no target);
+* ``"mse"``: per-pixel squared error of the probabilities.
+
+Scale. With ``pixel_reduction="sum"`` (the zoo's default) the cross-entropy is summed over pixels
+as in the PU-Net's ELBO, and every per-pixel-averaged component (region losses, uniform_kl, mse)
+is multiplied by the number of pixels, so the weights keep their ratio while the KL weight beta
+keeps its meaning. ``pixel_reduction="mean"`` averages over pixels instead (the paper's scale).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from probseg.losses import functional as L
+
+COMPONENTS = ("ce", *L.REGION_LOSSES, "uniform_kl", "mse")
+"""Names accepted as reconstruction components."""
+
+REGION_OPTIONS = ("alpha", "beta", "gamma", "smooth", "classes", "per_image")
+
+
+class ReconstructionLoss(nn.Module):
+    """Weighted sum of reconstruction components, returned per component.
+
+    Args:
+        weights: component name -> weight (non-negative, at least one positive), e.g.
+            ``{"ce": 0.25, "dml1": 0.75}``.
+        pixel_reduction: "sum" (ELBO scale, default) or "mean" (see the module docstring).
+        eps: probability floor inside the logs of "uniform_kl".
+        **region_options: options of the region losses: alpha, beta (Tversky), gamma (focal),
+            smooth, classes ("all" | "present"), per_image.
+    """
+
+    def __init__(self, weights: Mapping[str, float] | None = None, pixel_reduction: str = "sum", eps: float = 1e-7,
+                 **region_options: Any) -> None:
+        super().__init__()
+        weights = dict(weights or {"ce": 1.0})
+        unknown = sorted(set(weights) - set(COMPONENTS))
+        if unknown:
+            raise ValueError(f"unknown reconstruction components {unknown}; expected names from {COMPONENTS}")
+        if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+            raise ValueError(f"reconstruction weights must be non-negative with one positive, got {weights}")
+        bad = sorted(set(region_options) - set(REGION_OPTIONS))
+        if bad:
+            raise ValueError(f"unknown loss options {bad}; expected names from {REGION_OPTIONS + ('pixel_reduction', 'eps')}")
+        if pixel_reduction not in ("sum", "mean"):
+            raise ValueError(f"pixel_reduction must be 'sum' or 'mean', got {pixel_reduction!r}")
+        self.weights = {k: float(v) for k, v in weights.items() if v > 0}
+        self.pixel_reduction = pixel_reduction
+        self.eps = eps
+        self.region_options = region_options
+        probe = torch.full((1, 2, 1, 1), 0.5)
+        for name in self.weights:  # invalid option values fail here, not at the first step
+            if name in L.REGION_LOSSES:
+                L.region_loss(probe, probe, name, **region_options)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Weighted components, batch means: ``{"rec_<name>": weight * loss}``.
+
+        Args:
+            logits: (B, K, H, W).
+            target: (B, K, H, W) target probabilities (one-hot for hard labels).
+        """
+        if target.shape != logits.shape:
+            raise ValueError(f"target {tuple(target.shape)} must match logits {tuple(logits.shape)}: (B, K, H, W)")
+        pixels = logits.shape[-2] * logits.shape[-1]
+        scale = pixels if self.pixel_reduction == "sum" else 1
+        probs = None
+        terms = {}
+        for name, weight in self.weights.items():
+            if name == "ce":
+                value = L.cross_entropy(logits, target, "mean", self.pixel_reduction)
+            else:
+                probs = logits.softmax(dim=1) if probs is None else probs
+                if name in L.REGION_LOSSES:
+                    value = L.region_loss(probs, target, name, check=False, **self.region_options)
+                elif name == "uniform_kl":
+                    value = -F.log_softmax(logits, dim=1).clamp_min(math.log(self.eps)).mean(1).mean()
+                else:  # mse
+                    value = (probs - target).square().sum(1).mean()
+                value = value * scale
+            terms[f"rec_{name}"] = weight * value
+        return terms
