@@ -239,3 +239,32 @@ def test_predict_writes_hypotheses(tmp_path: Path, capsys: pytest.CaptureFixture
     assert data["probabilities"].shape == (5, 2, 32, 32)
     assert data["raters"].shape == (3, 32, 32)
     assert "wrote hypotheses of 8 images" in capsys.readouterr().out
+
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((REPO / "experiments").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO / "experiments")))
+def test_every_experiment_config_builds(config: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # the configs' relative run folders land here
+    cli = _cli(["--config", str(config), "--wandb", "disabled"])
+    name = config.stem.removesuffix("_soft")
+    assert cli.model.registry_name == name
+    if config.stem.endswith("_soft"):
+        assert cli.model.fusion == "weighted_mean"
+        assert cli.model.reconstruction.weights == {"ce": 0.25, "dml1": 0.75}
+    else:
+        assert cli.model.fusion == "random" and cli.model.reconstruction.weights == {"ce": 1.0}
+
+
+def test_soft_label_training_logs_each_reconstruction_component(tmp_path: Path) -> None:
+    model = {"class_path": "punet", "init_args": {**TINY_PUNET, "fusion": "mean", "reconstruction": {"ce": 0.25, "dml1": 0.75}}}
+    config = tiny_config(tmp_path, model=model, max_steps=2)
+    assert main(["fit", "--config", str(config), "--wandb", "disabled"]) == 0
+    keys = _metric_keys(tmp_path)
+    assert {"train/rec_ce", "train/rec_dml1", "train/rec", "val/rec_ce", "val/rec_dml1", "val/rec"} <= keys
+    (metrics,) = sorted(tmp_path.glob("run/logs/version_*/metrics.csv"))
+    with open(metrics, newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r.get("train/rec"))
+    assert float(row["train/rec"]) == pytest.approx(float(row["train/rec_ce"]) + float(row["train/rec_dml1"]), rel=1e-5)

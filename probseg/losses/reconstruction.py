@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from probseg.data.fusion import one_hot
 from probseg.losses import functional as L
 
 COMPONENTS = ("ce", *L.REGION_LOSSES, "uniform_kl", "mse")
@@ -62,22 +63,27 @@ class ReconstructionLoss(nn.Module):
         self.eps = eps
         self.region_options = region_options
         probe = torch.full((1, 2, 1, 1), 0.5)
-        for name in self.weights:  # invalid option values fail here, not at the first step
-            if name in L.REGION_LOSSES:
-                L.region_loss(probe, probe, name, **region_options)
+        for name in [k for k in self.weights if k in L.REGION_LOSSES] or ["dml1"]:
+            L.region_loss(probe, probe, name, **region_options)  # bad option values fail here, not at step 1
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Weighted components, batch means: ``{"rec_<name>": weight * loss}``.
 
         Args:
             logits: (B, K, H, W).
-            target: (B, K, H, W) target probabilities (one-hot for hard labels).
+            target: (B, K, H, W) target probabilities, or (B, H, W) class ids (hard labels; the
+                cross-entropy then reads them directly, the other components one-hot encode them).
         """
-        if target.shape != logits.shape:
-            raise ValueError(f"target {tuple(target.shape)} must match logits {tuple(logits.shape)}: (B, K, H, W)")
+        hard = target.shape == logits.shape[:1] + logits.shape[2:]
+        if not hard and target.shape != logits.shape:
+            raise ValueError(
+                f"target {tuple(target.shape)} must be (B, K, H, W) probabilities or (B, H, W) class ids "
+                f"matching logits {tuple(logits.shape)}"
+            )
         pixels = logits.shape[-2] * logits.shape[-1]
         scale = pixels if self.pixel_reduction == "sum" else 1
         probs = None
+        maps = one_hot(target, logits.shape[1], logits.dtype) if hard and set(self.weights) - {"ce"} else target
         terms = {}
         for name, weight in self.weights.items():
             if name == "ce":
@@ -85,11 +91,11 @@ class ReconstructionLoss(nn.Module):
             else:
                 probs = logits.softmax(dim=1) if probs is None else probs
                 if name in L.REGION_LOSSES:
-                    value = L.region_loss(probs, target, name, check=False, **self.region_options)
+                    value = L.region_loss(probs, maps, name, check=False, **self.region_options)
                 elif name == "uniform_kl":
                     value = -F.log_softmax(logits, dim=1).clamp_min(math.log(self.eps)).mean(1).mean()
                 else:  # mse
-                    value = (probs - target).square().sum(1).mean()
+                    value = (probs - maps).square().sum(1).mean()
                 value = value * scale
             terms[f"rec_{name}"] = weight * value
         return terms

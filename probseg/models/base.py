@@ -16,8 +16,9 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 
-from probseg.data.fusion import random_rater
+from probseg.data.fusion import FUSIONS, fuse_raters, majority_vote, random_rater
 from probseg.layers.gaussian import Generators
+from probseg.losses.reconstruction import ReconstructionLoss
 
 CHECKPOINT_KEY = "probseg"
 """Key of the metadata dict a zoo checkpoint carries (model name, class path, version)."""
@@ -32,6 +33,16 @@ class ProbSegModel(pl.LightningModule):
         lr: Adam learning rate.
         weight_decay: Adam weight decay (L2, as in the cSAE paper's setup).
         num_predict_samples: hypotheses per image drawn by ``predict``.
+        fusion: how the raters of an image become its training target, one of
+            :data:`probseg.data.fusion.FUSIONS` ("random": one rater per image per step, the
+            PU-Net convention; "mean" / "weighted_mean": soft labels; see
+            :func:`probseg.data.fusion.fuse_raters`).
+        label_smoothing: eps of ``fusion="label_smoothing"``.
+        reconstruction: weights of the reconstruction components, e.g. ``{"ce": 0.25,
+            "dml1": 0.75}`` (default ``{"ce": 1.0}``); see :class:`probseg.losses.ReconstructionLoss`.
+        loss_options: options of :class:`probseg.losses.ReconstructionLoss` (``pixel_reduction``,
+            and for region losses ``classes``, ``smooth``, ``per_image``, ``alpha``, ``beta``,
+            ``gamma``).
 
     Gradient clipping is a Trainer setting (``trainer.gradient_clip_val``).
     """
@@ -45,6 +56,10 @@ class ProbSegModel(pl.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 5e-5,
         num_predict_samples: int = 16,
+        fusion: str = "random",
+        label_smoothing: float = 0.1,
+        reconstruction: dict[str, float] | None = None,
+        loss_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if type(self) is ProbSegModel:
@@ -62,6 +77,13 @@ class ProbSegModel(pl.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.num_predict_samples = num_predict_samples
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.fusion = fusion
+        self.label_smoothing = label_smoothing
+        self.reconstruction = ReconstructionLoss(reconstruction, **(loss_options or {}))
 
     # --- what a model implements -------------------------------------------------------------
 
@@ -103,8 +125,18 @@ class ProbSegModel(pl.LightningModule):
         return self.sample(images, num_samples)
 
     def training_target(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-        """The mask the model learns from in this step: one rater per image, drawn at random."""
-        return random_rater(batch["masks"], batch.get("rater_mask"), generator)
+        """The target the model learns from in this step, by ``fusion``: (B, H, W) class ids for
+        the hard fusions "random" and "majority", (B, K, H, W) probabilities otherwise."""
+        masks, rater_mask = batch["masks"], batch.get("rater_mask")
+        if self.fusion == "random":
+            return random_rater(masks, rater_mask, generator)
+        if self.fusion == "majority":
+            return majority_vote(masks, rater_mask, self.num_classes)
+        return fuse_raters(masks, rater_mask, self.num_classes, self.fusion, self.label_smoothing, generator)
+
+    def reconstruction_terms(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weighted reconstruction components ``rec_<name>`` of logits against a target."""
+        return self.reconstruction(logits, target)
 
     def check_batch(self, batch: dict[str, Any]) -> None:
         """Raise a clear error when a batch does not follow the library's batch format."""
@@ -147,6 +179,9 @@ class ProbSegModel(pl.LightningModule):
         loss = torch.stack(list(terms.values())).sum()
         on_step = stage == "train"
         logged = {f"{stage}/{name}": value.detach() for name, value in terms.items()}
+        rec = [value.detach() for name, value in terms.items() if name.startswith("rec_")]
+        if rec:  # the whole reconstruction term, next to its components
+            logged[f"{stage}/rec"] = torch.stack(rec).sum()
         batch_size = batch["image"].shape[0]
         self.log_dict(logged, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
         self.log(f"{stage}/loss", loss.detach(), on_step=on_step, on_epoch=not on_step, prog_bar=True,

@@ -25,7 +25,6 @@ import torch
 
 from probseg.layers import AmortizedPlanarFlow
 from probseg.layers.gaussian import Generators, sample_set
-from probseg.losses.functional import cross_entropy
 from probseg.models.punet import ProbUNet
 from probseg.models.registry import register_model
 
@@ -69,7 +68,8 @@ class ConditionalSinkhornAutoencoder(ProbUNet):
             from the base prior (the paper discards the flows; this is for comparison).
         (other arguments as in :class:`ProbUNet`)
 
-    Loss terms: ``rec``, ``kl`` (beta-weighted) and ``sinkhorn`` (gamma-weighted), batch means.
+    Loss terms: ``rec_<component>`` (by default ``rec_ce``), ``kl`` (beta-weighted) and
+    ``sinkhorn`` (gamma-weighted), batch means.
     """
 
     def __init__(
@@ -88,6 +88,10 @@ class ConditionalSinkhornAutoencoder(ProbUNet):
         sinkhorn_diameter: float = 100.0,
         sinkhorn_scaling: float = 0.5,
         sample_through_prior_flow: bool = False,
+        fusion: str = "random",
+        label_smoothing: float = 0.1,
+        reconstruction: dict[str, float] | None = None,
+        loss_options: dict[str, Any] | None = None,
         lr: float = 1e-4,
         weight_decay: float = 5e-5,
         num_predict_samples: int = 16,
@@ -101,7 +105,9 @@ class ConditionalSinkhornAutoencoder(ProbUNet):
                 f"sinkhorn_blur must be positive and sinkhorn_scaling in (0, 1), got {sinkhorn_blur} and {sinkhorn_scaling}"
             )
         super().__init__(in_channels, num_classes, num_filters, convs_per_block, latent_dim, fcomb_layers, beta,
-                         lr, weight_decay, num_predict_samples)
+                         fusion=fusion, label_smoothing=label_smoothing,
+                         reconstruction=reconstruction, loss_options=loss_options, lr=lr, weight_decay=weight_decay,
+                         num_predict_samples=num_predict_samples)
         self.save_hyperparameters()
         self.gamma = gamma
         self.num_ot_samples = num_ot_samples
@@ -122,7 +128,7 @@ class ConditionalSinkhornAutoencoder(ProbUNet):
         logits = self.fcomb(features, zq[:, 0])
         sinkhorn = sinkhorn_divergence(zq, zp, hp.sinkhorn_blur, hp.sinkhorn_diameter, hp.sinkhorn_scaling)
         return {
-            "rec": cross_entropy(logits, target, reduction="mean"),
+            **self.reconstruction_terms(logits, target),
             "kl": self.beta * self.kl(posterior, prior).mean(),
             "sinkhorn": self.gamma * sinkhorn.mean(),
         }

@@ -24,7 +24,6 @@ from torch.distributions import Independent
 
 from probseg.layers import AmortizedPlanarFlow
 from probseg.layers.gaussian import sample_set
-from probseg.losses.functional import cross_entropy
 from probseg.models.punet import ProbUNet
 from probseg.models.registry import register_model
 
@@ -59,8 +58,9 @@ class PlanarProbUNet(ProbUNet):
         kl_samples: M, Monte Carlo samples of the KL estimate.
         (other arguments as in :class:`ProbUNet`)
 
-    Loss terms: ``rec`` (cross-entropy of the reconstruction from the first flowed posterior
-    sample, sum over pixels, mean over batch) and ``kl`` (beta * Monte Carlo KL(q_K || p)).
+    Loss terms: ``rec_<component>`` (the reconstruction from the first flowed posterior sample;
+    by default ``rec_ce``, cross-entropy summed over pixels, mean over batch) and ``kl``
+    (beta * Monte Carlo KL(q_K || p)).
     """
 
     def __init__(
@@ -74,6 +74,10 @@ class PlanarProbUNet(ProbUNet):
         beta: float = 1.0,
         flow_steps: int = 2,
         kl_samples: int = 1,
+        fusion: str = "random",
+        label_smoothing: float = 0.1,
+        reconstruction: dict[str, float] | None = None,
+        loss_options: dict[str, Any] | None = None,
         lr: float = 1e-4,
         weight_decay: float = 5e-5,
         num_predict_samples: int = 16,
@@ -81,7 +85,9 @@ class PlanarProbUNet(ProbUNet):
         if kl_samples < 1:
             raise ValueError(f"kl_samples must be at least 1, got {kl_samples}")
         super().__init__(in_channels, num_classes, num_filters, convs_per_block, latent_dim, fcomb_layers, beta,
-                         lr, weight_decay, num_predict_samples)
+                         fusion=fusion, label_smoothing=label_smoothing,
+                         reconstruction=reconstruction, loss_options=loss_options, lr=lr, weight_decay=weight_decay,
+                         num_predict_samples=num_predict_samples)
         self.save_hyperparameters()
         self.kl_samples = kl_samples
         self.posterior_flow = AmortizedPlanarFlow(self.posterior.feature_dim, latent_dim, flow_steps)
@@ -93,7 +99,5 @@ class PlanarProbUNet(ProbUNet):
         z0 = sample_set(base, self.kl_samples, generator)  # (B, M, L)
         z_k, log_det = self.posterior_flow(q_features, z0)
         logits = self.fcomb(features, z_k[:, 0])
-        return {
-            "rec": cross_entropy(logits, target, reduction="mean"),
-            "kl": self.beta * monte_carlo_kl(base, z0, log_det, z_k, prior).mean(),
-        }
+        kl = monte_carlo_kl(base, z0, log_det, z_k, prior).mean()
+        return {**self.reconstruction_terms(logits, target), "kl": self.beta * kl}

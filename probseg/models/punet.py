@@ -22,7 +22,6 @@ from torch.distributions import Independent, kl_divergence
 
 from probseg.layers import Combiner, PosteriorEncoder, PriorEncoder, UNet
 from probseg.layers.gaussian import Generators, sample_set
-from probseg.losses.functional import cross_entropy
 from probseg.models.base import ProbSegModel
 from probseg.models.registry import register_model
 
@@ -39,10 +38,12 @@ class ProbUNet(ProbSegModel):
         latent_dim: L (Kohl et al. and the cSAE paper: 6).
         fcomb_layers: 1x1 convolutions of the combiner (Kohl et al.: 4).
         beta: weight of the KL term.
+        fusion, label_smoothing, reconstruction, loss_options: the training target and the
+            reconstruction loss (default: one random rater, cross-entropy); see :class:`ProbSegModel`.
         lr, weight_decay, num_predict_samples: see :class:`ProbSegModel`.
 
-    Loss terms: ``rec`` (cross-entropy, sum over pixels, mean over batch) and ``kl``
-    (beta * analytic KL(q || p), mean over batch).
+    Loss terms: ``rec_<component>`` (by default ``rec_ce``: cross-entropy, sum over pixels, mean
+    over batch) and ``kl`` (beta * analytic KL(q || p), mean over batch).
     """
 
     def __init__(
@@ -54,11 +55,16 @@ class ProbUNet(ProbSegModel):
         latent_dim: int = 6,
         fcomb_layers: int = 4,
         beta: float = 1.0,
+        fusion: str = "random",
+        label_smoothing: float = 0.1,
+        reconstruction: dict[str, float] | None = None,
+        loss_options: dict[str, Any] | None = None,
         lr: float = 1e-4,
         weight_decay: float = 5e-5,
         num_predict_samples: int = 16,
     ) -> None:
-        super().__init__(in_channels, num_classes, lr, weight_decay, num_predict_samples)
+        super().__init__(in_channels, num_classes, lr, weight_decay, num_predict_samples, fusion=fusion,
+                         label_smoothing=label_smoothing, reconstruction=reconstruction, loss_options=loss_options)
         self.save_hyperparameters()
         if beta < 0:
             raise ValueError(f"beta must be non-negative, got {beta}")
@@ -76,8 +82,9 @@ class ProbUNet(ProbSegModel):
     def encode_batch(
         self, batch: dict[str, Any], generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What every training step starts from: images, the drawn rater's target (B, H, W), the
-        U-Net features (B, F, H, W) and the posterior encoder's features (B, feature_dim)."""
+        """What every training step starts from: images, the fused target ((B, H, W) class ids or
+        (B, K, H, W) probabilities), the U-Net features (B, F, H, W) and the posterior encoder's
+        features (B, feature_dim)."""
         images = batch["image"]
         target = self.training_target(batch, generator)
         return images, target, self.unet(images), self.posterior.features(images, target)
@@ -88,10 +95,7 @@ class ProbUNet(ProbSegModel):
         prior = self.prior(images)
         z = sample_set(posterior, 1, generator)[:, 0]  # reparameterized: gradients reach q
         logits = self.fcomb(features, z)
-        return {
-            "rec": cross_entropy(logits, target, reduction="mean"),
-            "kl": self.beta * self.kl(posterior, prior).mean(),
-        }
+        return {**self.reconstruction_terms(logits, target), "kl": self.beta * self.kl(posterior, prior).mean()}
 
     def prior_sigmas(self, images: torch.Tensor) -> torch.Tensor:
         """The prior is axis-aligned, so its singular values are its standard deviations (B, L)."""

@@ -106,7 +106,7 @@ def test_sample_ignores_flows_but_loss_does_not(tiny_punet_kwargs: dict) -> None
         terms_after = model.loss_terms(batch, torch.Generator().manual_seed(7))
     assert samples.shape == (2, 4, 2, SIZE, SIZE)
     torch.testing.assert_close(samples_after, samples, rtol=0, atol=0)
-    assert not torch.allclose(terms_after["rec"], terms["rec"])
+    assert not torch.allclose(terms_after["rec_ce"], terms["rec_ce"])
     assert not torch.allclose(terms_after["sinkhorn"], terms["sinkhorn"])
     # the KL is between the base Normals: the flows do not enter it
     torch.testing.assert_close(terms_after["kl"], terms["kl"], rtol=0, atol=0)
@@ -138,9 +138,9 @@ def test_loss_terms_keys_finite_and_kl_is_base_kl(tiny_punet_kwargs: dict) -> No
         target = batch["masks"][torch.arange(2), torch.tensor([1, 2])]  # the only available raters
         expected = kl_divergence(model.posterior(batch["image"], target), model.prior(batch["image"]))
         other = kl_divergence(model.posterior(batch["image"], batch["masks"][:, 0]), model.prior(batch["image"]))
-    assert set(terms) == {"rec", "kl", "sinkhorn"}
+    assert set(terms) == {"rec_ce", "kl", "sinkhorn"}
     assert all(t.ndim == 0 and torch.isfinite(t) for t in terms.values())
-    assert terms["sinkhorn"] > 0 and terms["rec"] > 0
+    assert terms["sinkhorn"] > 0 and terms["rec_ce"] > 0
     torch.testing.assert_close(terms["kl"], 3.0 * expected.mean())
     # the check can tell raters apart
     assert not torch.allclose(3.0 * other.mean(), terms["kl"])
@@ -156,7 +156,7 @@ def test_sinkhorn_scales_with_gamma(tiny_punet_kwargs: dict) -> None:
     assert values[1.0]["sinkhorn"] > 1e-4
     torch.testing.assert_close(values[4.0]["sinkhorn"], 4.0 * values[1.0]["sinkhorn"])
     assert values[0.0]["sinkhorn"] == 0
-    for key in ("rec", "kl"):
+    for key in ("rec_ce", "kl"):
         torch.testing.assert_close(values[4.0][key], values[1.0][key])
 
 

@@ -161,7 +161,7 @@ def test_flowed_kl_differs_from_base_kl(tiny_punet_kwargs: dict) -> None:
 def test_loss_terms_keys_and_finite(tiny_punet_kwargs: dict) -> None:
     model = _make_model(tiny_punet_kwargs)
     terms = model.loss_terms(_batch(one_rater=False), torch.Generator().manual_seed(0))
-    assert set(terms) == {"rec", "kl"}
+    assert set(terms) == {"rec_ce", "kl"}
     assert all(t.ndim == 0 and torch.isfinite(t) for t in terms.values())
 
 
@@ -212,7 +212,7 @@ def test_posterior_flow_perturbation_changes_loss(tiny_punet_kwargs: dict) -> No
             p.add_(torch.randn_like(p))
         after = model.loss_terms(batch, torch.Generator().manual_seed(9))
     assert not torch.allclose(before["kl"], after["kl"])
-    assert not torch.allclose(before["rec"], after["rec"])
+    assert not torch.allclose(before["rec_ce"], after["rec_ce"])
 
 
 # --- configuration -------------------------------------------------------------------------------

@@ -100,10 +100,10 @@ def test_kl_is_zero_for_identical_and_positive_for_different_normals(model: Prob
 def test_loss_terms_are_named_scalars(model: ProbUNet) -> None:
     torch.manual_seed(0)
     terms = model.loss_terms(_batch())
-    assert set(terms) == {"rec", "kl"}
+    assert set(terms) == {"rec_ce", "kl"}
     for name, value in terms.items():
         assert value.ndim == 0 and torch.isfinite(value), name
-    assert terms["rec"] > 0 and terms["kl"] > 0
+    assert terms["rec_ce"] > 0 and terms["kl"] > 0
 
 
 def test_rec_is_pixel_summed_batch_averaged_cross_entropy_of_the_posterior_sample(
@@ -134,7 +134,7 @@ def test_rec_is_pixel_summed_batch_averaged_cross_entropy_of_the_posterior_sampl
     log_z = logits.exp().sum(1).log()
     true_logit = torch.where(target == 1, logits[:, 1], logits[:, 0])
     expected = (log_z - true_logit).flatten(1).sum(1).mean()
-    torch.testing.assert_close(terms["rec"].double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(terms["rec_ce"].double(), expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.25, 3.0])
@@ -168,7 +168,7 @@ def test_kl_term_scales_linearly_with_beta(tiny_punet_kwargs: dict) -> None:
 def test_loss_backward_gives_finite_gradients_on_every_parameter(model: ProbUNet) -> None:
     torch.manual_seed(0)
     terms = model.loss_terms(_batch())
-    (terms["rec"] + terms["kl"]).backward()
+    (terms["rec_ce"] + terms["kl"]).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{name} got no gradient"
         assert torch.isfinite(p.grad).all(), name

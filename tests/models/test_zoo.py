@@ -80,3 +80,72 @@ def test_bad_batches_give_clear_errors(change, error: type, match: str) -> None:
     change(batch)
     with pytest.raises(error, match=match):
         model.training_step(batch, 0)
+
+
+SOFT = {"fusion": "weighted_mean", "reconstruction": {"ce": 0.25, "dml1": 0.75},
+        "loss_options": {"classes": "present", "smooth": 1.0}}
+
+
+@pytest.mark.parametrize("fusion", ["random", "majority", "mean", "weighted_mean", "label_smoothing"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_trains_on_every_fusion_with_a_loss_mix(name: str, fusion: str, tmp_path: Path) -> None:
+    """Each component is its own term; the CE term equals 0.25 x the cross-entropy of the fused
+    target, whose soft maps sum to 1 and reach the posterior encoder; the mix reloads from a
+    checkpoint (plain dicts in the hyperparameters)."""
+    torch.manual_seed(0)
+    model = MODELS[name](**TINY_ARGS[name], **{**SOFT, "fusion": fusion})
+    batch = _batch()
+    terms = model.loss_terms(batch, torch.Generator().manual_seed(0))
+    assert {"rec_ce", "rec_dml1", "kl"} <= set(terms)
+    torch.stack(list(terms.values())).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    target = model.training_target(batch, torch.Generator().manual_seed(0))
+    hard = fusion in ("random", "majority")
+    assert target.shape == ((2, 32, 32) if hard else (2, 2, 32, 32))
+    if not hard:
+        torch.testing.assert_close(target.sum(1), torch.ones(2, 32, 32))
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         limit_val_batches=0, callbacks=[])
+    trainer.fit(model, datamodule=SyntheticDataModule(image_size=32, num_train=4, num_val=2, num_test=2, batch_size=4))
+    path = tmp_path / "soft.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = probseg.load_model(path)
+    assert loaded.fusion == fusion and loaded.reconstruction.weights == {"ce": 0.25, "dml1": 0.75}
+    assert loaded.reconstruction.region_options == {"classes": "present", "smooth": 1.0}
+
+
+def test_the_ce_term_of_a_soft_target_is_the_soft_cross_entropy() -> None:
+    """rec_ce with mean fusion = 0.25 * sum over pixels of -sum_c y_c log softmax(logits)_c,
+    y the raters' mean, computed here from the masks directly."""
+    torch.manual_seed(0)
+    model = MODELS["punet"](**TINY_ARGS["punet"], **{**SOFT, "fusion": "mean"})
+    batch = _batch()
+    captured = {}
+    original = model.fcomb.forward
+
+    def spy(features, z):
+        captured["logits"] = original(features, z)
+        return captured["logits"]
+
+    model.fcomb.forward = spy
+    terms = model.loss_terms(batch, torch.Generator().manual_seed(0))
+    y = torch.stack([(batch["masks"] == c).float().mean(1) for c in range(2)], dim=1)
+    ce = -(y * captured["logits"].log_softmax(1)).sum(1).flatten(1).sum(1).mean()
+    torch.testing.assert_close(terms["rec_ce"], 0.25 * ce)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"fusion": "median"}, "unknown fusion"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"reconstruction": {"ce": 0.5, "dice": 0.5}}, "unknown reconstruction components"),
+        ({"reconstruction": {"ce": 0.0}}, "one positive"),
+        ({"loss_options": {"classes": "some"}}, "classes"),
+        ({"loss_options": {"temperature": 2}}, "unknown loss options"),
+    ],
+)
+def test_bad_loss_configuration_fails_at_construction(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        MODELS["punet"](**TINY_ARGS["punet"], **kwargs)
