@@ -163,4 +163,5 @@ def fuse_raters(
         weights = present.float() / present.sum(1, keepdim=True)
     else:
         weights = rater_weights(masks, present, num_classes)
+    masks = torch.where(present[:, :, None, None], masks, 0)  # absent slots may hold any filler
     return torch.einsum("br,brkhw->bkhw", weights, one_hot(masks, num_classes))

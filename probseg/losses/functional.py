@@ -78,7 +78,8 @@ def check_probability_maps(pred: torch.Tensor, target: torch.Tensor | None = Non
             raise ValueError(f"{name} must be (B, K, H, W) probabilities, got {tuple(getattr(x, 'shape', ()))}")
         check_probabilities(x, name)
     if target is not None and target.shape != pred.shape:
-        what = "classes K" if target.shape[1] != pred.shape[1] and target.shape[::2] == pred.shape[::2] else "shape"
+        same_rest = target.shape[:1] + target.shape[2:] == pred.shape[:1] + pred.shape[2:]
+        what = "classes K" if same_rest else "shape"
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in {what}")
 
 
@@ -98,7 +99,7 @@ def region_loss(
     *,
     alpha: float = 0.5,
     beta: float = 0.5,
-    gamma: float = 1.0,
+    gamma: float | None = None,
     smooth: float = 1.0,
     classes: str = "all",
     per_image: bool = True,
@@ -117,15 +118,17 @@ def region_loss(
     ======  ==========================================  ===========================================
     sdl     2 <x, y>                                    |x| + |y|
     sjl     <x, y>                                      |x| + |y| - <x, y>
-    jml1    |x| + |y| - |x - y|                         |x| + |y| + |x - y|
+    jml1    (|x| + |y| - |x - y|) / 2                   (|x| + |y| + |x - y|) / 2
     jml2    <x, y>                                      <x, y> + |x - y|
     dml1    |x| + |y| - |x - y|                         |x| + |y|
     dml2    2 <x, y>                                    2 <x, y> + |x - y|
-    ctl     |x| + |y| - |x - y|                         2 alpha |x| + 2 beta |y| + (1 - alpha - beta) N
-    cftl    as ctl, raised to gamma
+    ctl     (|x| + |y| - |x - y|) / 2                   alpha |x| + beta |y| + (1 - alpha - beta) N
+    cftl    as ctl, raised to gamma (default 4/3)
     ======  ==========================================  ===========================================
 
-    (|x + y| = |x| + |y| for non-negative maps.) SDL and SJL are only correct for hard labels
+    (|x + y| = |x| + |y| for non-negative maps.) Each N and D has the scale of the loss it extends
+    on hard labels (SJL for JML, SDL for DML, the soft Tversky loss for CTL), so the equalities of
+    Theorems 2 and 6 hold for any ``smooth``. SDL and SJL are only correct for hard labels
     (for a target of 0.5 SDL is minimized by predicting 1); JML, DML and CTL reach 0 exactly at
     x = y for soft labels too, and equal SJL / SDL / the soft Tversky loss on hard labels
     (Theorems 2 and 6). ``gamma`` is a focal exponent for every kind (CFTL is CTL with it).
@@ -137,7 +140,7 @@ def region_loss(
         kind: one of :data:`REGION_LOSSES`.
         alpha, beta: Tversky weights of false positives and false negatives (ctl, cftl);
             alpha = beta = 0.5 is the Dice form, 1 the Jaccard form.
-        gamma: focal exponent applied to each class's loss.
+        gamma: focal exponent applied to each class's loss (default 1; 4/3 for cftl).
         smooth: s, added to numerator and denominator.
         classes: "all" averages over the K classes; "present" over the classes with target mass
             in the image (in the batch when pooled).
@@ -153,6 +156,8 @@ def region_loss(
         raise ValueError(f"unknown region loss {kind!r}; expected one of {REGION_LOSSES}")
     if classes not in CLASS_SELECTIONS:
         raise ValueError(f"classes must be one of {CLASS_SELECTIONS}, got {classes!r}")
+    if gamma is None:
+        gamma = 4 / 3 if kind == "cftl" else 1.0
     if smooth < 0 or gamma <= 0 or alpha < 0 or beta < 0:
         raise ValueError(f"need smooth >= 0, gamma > 0, alpha >= 0, beta >= 0; got {smooth}, {gamma}, {alpha}, {beta}")
     if not per_image and reduction == "none":
@@ -170,7 +175,7 @@ def region_loss(
     elif kind == "sjl":
         num, den = xy, x + y - xy
     elif kind == "jml1":
-        num, den = overlap, x + y + diff
+        num, den = overlap / 2, (x + y + diff) / 2
     elif kind == "jml2":
         num, den = xy, xy + diff
     elif kind == "dml1":
@@ -178,7 +183,8 @@ def region_loss(
     elif kind == "dml2":
         num, den = 2 * xy, 2 * xy + diff
     else:  # ctl, cftl
-        num, den = overlap, 2 * alpha * x + 2 * beta * y + (1 - alpha - beta) * overlap
+        num = overlap / 2
+        den = alpha * x + beta * y + (1 - alpha - beta) * num
     den = den + smooth
     per_class = torch.where(den > 0, 1 - (num + smooth) / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
     per_class = per_class.clamp_min(0)  # rounding can dip below 0 at x = y
@@ -204,11 +210,9 @@ def _region(kind: str):  # one public function per kind, sharing region_loss's o
 
 
 sdl, sjl, jml1, jml2, dml1, dml2, ctl = (_region(k) for k in ("sdl", "sjl", "jml1", "jml2", "dml1", "dml2", "ctl"))
+cftl = _region("cftl")
 
 
-def cftl(pred: torch.Tensor, target: torch.Tensor, gamma: float = 4 / 3, **options) -> torch.Tensor:
-    """Compatible focal Tversky loss: ``ctl ** gamma`` (default gamma 4/3); see :func:`region_loss`."""
-    return region_loss(pred, target, "cftl", gamma=gamma, **options)
 
 
 def _pixel_reduce(per_pixel: torch.Tensor, pixel_reduction: str, reduction: str) -> torch.Tensor:
