@@ -5,6 +5,8 @@
 * ``probseg sample --ckpt PATH ...``: draw hypotheses from a checkpoint (see ``probseg sample -h``).
 * ``probseg results RUN_DIR ...``: gather the ``test_results.csv`` of several runs into one
   Markdown table (see ``probseg results -h``).
+* ``probseg data summary --config CFG``: counts and statistics of a data set, split by split.
+* ``probseg convert lidc-pickle IN OUT.npz``: convert trusted pickles to the safe array format.
 * ``probseg models``: list the registered models.
 
 Logging defaults: a CSVLogger (``{default_root_dir}/logs``) and W&B in offline mode
@@ -32,6 +34,8 @@ commands:
   predict    draw hypotheses for the predict split
   sample     draw hypotheses from a checkpoint and write .npz files and PNG grids
   results    gather test results of several runs into one table (the cSAE paper's Table 1)
+  data       inspect a data set: 'probseg data summary --config CFG'
+  convert    convert a data set to the safe array format: 'probseg convert lidc-pickle IN OUT.npz'
   models     list the registered models
 
 Run 'probseg <command> --help' for the options of a command.
@@ -58,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         return sample_main(args[1:])
     if command == "results":
         return results_main(args[1:])
+    if command == "data":
+        return data_main(args[1:])
+    if command == "convert":
+        return convert_main(args[1:])
     if command == "models":
         from probseg.models import MODELS, class_path
 
@@ -69,6 +77,54 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"probseg: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def data_main(argv: list[str]) -> int:
+    """``probseg data summary --config CFG``: counts and statistics of every split."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="probseg data", description="Inspect the data of an experiment config.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    summary = sub.add_parser("summary", help="images, patients, raters, sizes, intensities, empty masks and "
+                             "inter-rater Dice per split")
+    summary.add_argument("--config", "-c", required=True, help="experiment YAML with a 'data' section")
+    args = parser.parse_args(argv)
+    from probseg.data.config import datamodule_from_config
+    from probseg.data.summary import format_summary, summarize
+
+    try:
+        datamodule = datamodule_from_config(args.config)
+        table = format_summary(summarize(datamodule), title=f"{type(datamodule).__name__} ({args.config})")
+    except (FileNotFoundError, ValueError, KeyError, PermissionError, ImportError) as err:
+        print(f"probseg data summary: {err}", file=sys.stderr)
+        return 1
+    print(table, end="")
+    return 0
+
+
+def convert_main(argv: list[str]) -> int:
+    """``probseg convert lidc-pickle IN [IN ...] OUT.npz``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="probseg convert", description="Convert a data set to the safe .npz format "
+                                     "that the loaders read by default (no pickle).")
+    sub = parser.add_subparsers(dest="kind", required=True)
+    lidc = sub.add_parser("lidc-pickle", help="data_lidc.pickle file(s) of the PyTorch PU-Net port -> .npz. "
+                          "Unpickling executes code from the file: convert only files you trust.")
+    lidc.add_argument("inputs", nargs="+", help="pickle files or folders of *.pickle files")
+    lidc.add_argument("output", help="the .npz to write")
+    args = parser.parse_args(argv)
+    from probseg.data.lidc import convert_lidc_pickle
+
+    print("probseg convert: unpickling executes code from the input files; only convert files you trust.",
+          file=sys.stderr)
+    try:
+        path = convert_lidc_pickle(args.inputs, args.output)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"probseg convert: {err}", file=sys.stderr)
+        return 1
+    print(f"written: {path}")
+    return 0
 
 
 def results_main(argv: list[str]) -> int:

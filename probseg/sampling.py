@@ -217,25 +217,14 @@ def write_outputs(
 
 
 def _datamodule_from_config(path: str) -> Any:
-    import yaml
-    from jsonargparse import ArgumentParser
+    from probseg.data.config import datamodule_from_config
 
-    from probseg.data.base import ProbSegDataModule
-
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"data config not found: {path}")
-    config = yaml.safe_load(file.read_text())
-    if not isinstance(config, dict) or "data" not in config:
-        raise InputError(f"{path}: no 'data' section to build a data module from")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(ProbSegDataModule, "data")
-    # jsonargparse renamed instantiate_classes to instantiate in 4.49.
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     try:
-        return instantiate(parser.parse_object({"data": config["data"]})).data
-    except Exception as err:
-        raise InputError(f"{path}: invalid 'data' section: {err}") from None
+        return datamodule_from_config(path)
+    except FileNotFoundError:
+        raise
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 def collect_inputs(args: argparse.Namespace, in_channels: int) -> list[SampleInput]:

@@ -1,11 +1,17 @@
 """Data: LightningDataModules, the built-in synthetic data and rater fusion."""
 
+from probseg.data.arrays import ArrayDataModule, MultiRaterArrays, MultiRaterDataModule, split_by_patient
 from probseg.data.base import ProbSegDataModule
 from probseg.data.fusion import FUSIONS, fuse_raters, majority_vote, random_rater, rater_weights
+from probseg.data.lidc import LIDCDataModule
 from probseg.data.synthetic import SyntheticCase, SyntheticDataModule, SyntheticDataset
 
 __all__ = [
     "FUSIONS",
+    "ArrayDataModule",
+    "LIDCDataModule",
+    "MultiRaterArrays",
+    "MultiRaterDataModule",
     "ProbSegDataModule",
     "SyntheticCase",
     "SyntheticDataModule",
@@ -14,4 +20,5 @@ __all__ = [
     "majority_vote",
     "random_rater",
     "rater_weights",
+    "split_by_patient",
 ]

@@ -1,0 +1,323 @@
+"""Multi-rater data held as arrays, patient-level splits, and the data module of your own data.
+
+Every real dataset loader reads its on-disk format into :class:`MultiRaterArrays` (images,
+rater masks, which raters annotated each image, patient and image ids), validated once with errors
+that name the source. :func:`split_by_patient` splits by patient, never by image, so no patient's
+slices leak across splits:
+
+* ``"random"``: patients shuffled with ``seed``, then cut by ``fractions`` (train, val, test);
+* ``"paper"``: the cSAE paper's protocol: the first 20% of the patients (in order of first
+  appearance) are the test set and the rest is cut into 3 folds (after a seeded shuffle);
+  ``fold`` k is the validation set and the other two folds the training set.
+
+:class:`ArrayDataModule` serves your own data from one ``.npz`` file (see its docstring).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from probseg.data.base import SPLITS, ProbSegDataModule
+
+SPLIT_MODES = ("given", "random", "paper")
+PAPER_TEST_FRACTION = 0.2
+PAPER_FOLDS = 3
+
+
+@dataclass
+class MultiRaterArrays:
+    """Images and their rater masks.
+
+    Attributes:
+        images: (N, C, H, W) float32.
+        masks: (N, R, H, W) integer class ids (uint8 keeps big sets small).
+        rater_mask: (N, R) bool, True where the rater annotated the image.
+        patients: N patient ids (splits never separate a patient's images).
+        ids: N image ids, unique.
+        source: where the arrays came from, for error messages.
+    """
+
+    images: np.ndarray
+    masks: np.ndarray
+    rater_mask: np.ndarray | None = None
+    patients: Sequence[str] | None = None
+    ids: Sequence[str] | None = None
+    source: str = "arrays"
+    splits: dict[str, np.ndarray] = field(default_factory=dict)  # given splits: name -> indices
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        if self.rater_mask is None:
+            self.rater_mask = np.ones(self.masks.shape[:2], dtype=bool)
+        self.patients = [str(p) for p in (self.patients if self.patients is not None else self.ids or range(n))]
+        self.ids = [str(i) for i in (self.ids if self.ids is not None else range(n))]
+
+    def validate(self, num_classes: int = 2) -> MultiRaterArrays:
+        """Check shapes, dtypes and values; errors name :attr:`source` and the first bad image."""
+        src, images, masks = self.source, self.images, self.masks
+        if images.ndim != 4:
+            raise ValueError(f"{src}: images must be (N, C, H, W), got shape {images.shape}")
+        if masks.ndim != 4:
+            raise ValueError(f"{src}: masks must be (N, R, H, W), got shape {masks.shape}")
+        if len(images) == 0:
+            raise ValueError(f"{src}: no images")
+        if masks.shape[0] != images.shape[0] or masks.shape[2:] != images.shape[2:]:
+            raise ValueError(f"{src}: masks {masks.shape} do not match images {images.shape} (N and H, W must agree)")
+        if self.rater_mask.shape != masks.shape[:2]:
+            raise ValueError(f"{src}: rater_mask must be (N, R) = {masks.shape[:2]}, got {self.rater_mask.shape}")
+        if len(self.patients) != len(images) or len(self.ids) != len(images):
+            raise ValueError(f"{src}: need one patient id and one image id per image ({len(images)})")
+        if len(set(self.ids)) != len(self.ids):
+            raise ValueError(f"{src}: image ids are not unique")
+        if not np.issubdtype(masks.dtype, np.integer) and masks.dtype != bool:
+            if not np.all(masks == np.round(masks)):
+                raise ValueError(f"{src}: masks must hold integer class ids, got dtype {masks.dtype} with fractions")
+        finite = np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"{src}: image {self.ids[int(np.argmin(finite))]} holds NaN or Inf")
+        bad = ((masks < 0) | (masks >= num_classes)).reshape(len(masks), -1).any(axis=1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(
+                f"{src}: masks of image {self.ids[i]} hold values {np.unique(masks[i]).tolist()}, outside the "
+                f"class ids 0..{num_classes - 1}"
+            )
+        if not self.rater_mask.any(axis=1).all():
+            i = int(np.argmin(self.rater_mask.any(axis=1)))
+            raise ValueError(f"{src}: image {self.ids[i]} has no rater mask")
+        return self
+
+
+def split_by_patient(
+    patients: Sequence[str],
+    mode: str = "random",
+    seed: int = 0,
+    fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    fold: int = 0,
+) -> dict[str, np.ndarray]:
+    """Image indices of each split, with every patient's images in one split only.
+
+    Args:
+        patients: patient id of each image.
+        mode: "random" or "paper" (see the module docstring).
+        seed: shuffling seed (same seed, same splits).
+        fractions: train, val, test fractions of the patients ("random").
+        fold: validation fold 0..2 ("paper").
+
+    Returns:
+        ``{"train": indices, "val": indices, "test": indices}``, each sorted.
+    """
+    order = list(dict.fromkeys(patients))  # unique, in order of first appearance
+    rng = np.random.default_rng(seed)
+    if mode == "random":
+        if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1):
+            raise ValueError(f"fractions must be 3 non-negative numbers summing to 1, got {fractions}")
+        shuffled = [order[i] for i in rng.permutation(len(order))]
+        n_train = int(round(fractions[0] * len(order)))
+        n_val = int(round(fractions[1] * len(order)))
+        groups = {"train": shuffled[:n_train], "val": shuffled[n_train : n_train + n_val],
+                  "test": shuffled[n_train + n_val :]}
+    elif mode == "paper":
+        if not 0 <= fold < PAPER_FOLDS:
+            raise ValueError(f"fold must be in 0..{PAPER_FOLDS - 1}, got {fold}")
+        n_test = int(np.ceil(PAPER_TEST_FRACTION * len(order)))
+        rest = order[n_test:]
+        rest = [rest[i] for i in rng.permutation(len(rest))]
+        folds = np.array_split(np.arange(len(rest)), PAPER_FOLDS)
+        groups = {"test": order[:n_test], "val": [rest[i] for i in folds[fold]],
+                  "train": [rest[i] for k in range(PAPER_FOLDS) if k != fold for i in folds[k]]}
+    else:
+        raise ValueError(f"unknown split mode {mode!r}; expected 'random' or 'paper'")
+    member = {p: split for split, group in groups.items() for p in group}
+    assignment = np.array([member[p] for p in patients])
+    return {split: np.flatnonzero(assignment == split) for split in SPLITS}
+
+
+class ArrayDataset(Dataset):
+    """Items of a :class:`MultiRaterArrays` subset, in the library's item format.
+
+    Args:
+        arrays: the data.
+        indices: the images of this split (positions in ``arrays``).
+        crop: optional (h, w) crop: random for training (``random_crop=True``), central otherwise.
+        random_crop: draw the crop position per item from torch's RNG (which Lightning seeds).
+    """
+
+    def __init__(self, arrays: MultiRaterArrays, indices: Sequence[int], crop: tuple[int, int] | None = None,
+                 random_crop: bool = False) -> None:
+        self.arrays = arrays
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.crop = crop
+        self.random_crop = random_crop
+        if crop is not None and (crop[0] > arrays.images.shape[2] or crop[1] > arrays.images.shape[3]):
+            raise ValueError(f"{arrays.source}: crop {crop} is larger than the images {arrays.images.shape[2:]}")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _window(self, h: int, w: int) -> tuple[slice, slice]:
+        ch, cw = self.crop
+        if self.random_crop:
+            top = int(torch.randint(h - ch + 1, ()).item())
+            left = int(torch.randint(w - cw + 1, ()).item())
+        else:
+            top, left = (h - ch) // 2, (w - cw) // 2
+        return slice(top, top + ch), slice(left, left + cw)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self.indices):
+            raise IndexError(f"index {index} is out of range for {len(self.indices)} images")
+        i = int(self.indices[index])
+        a = self.arrays
+        image, masks = a.images[i], a.masks[i]
+        if self.crop is not None:
+            rows, cols = self._window(*image.shape[1:])
+            image, masks = image[:, rows, cols], masks[:, rows, cols]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+            "masks": torch.from_numpy(np.ascontiguousarray(masks).astype(np.int64)),
+            "rater_mask": torch.from_numpy(a.rater_mask[i].copy()),
+            "id": a.ids[i],
+            "index": index,
+        }
+
+
+class MultiRaterDataModule(ProbSegDataModule):
+    """Base of the array-backed data modules: load once, validate, split by patient.
+
+    Subclasses implement :meth:`load_arrays`. Formats that ship their own splits put them in
+    ``MultiRaterArrays.splits`` and ``split_mode="given"`` uses them.
+
+    Args:
+        split_mode: "given" (the format's own splits), "random" or "paper" (see
+            :func:`split_by_patient`); "given" falls back to "random" for formats without splits.
+        seed: split seed.
+        fractions: train, val, test patient fractions of "random".
+        fold: validation fold of "paper".
+        crop: (h, w) crop size (random for training, central for evaluation), or None.
+        batch_size, num_workers, num_classes, in_channels: see :class:`ProbSegDataModule`.
+    """
+
+    def __init__(self, split_mode: str = "given", seed: int = 0, fractions: Sequence[float] = (0.7, 0.1, 0.2),
+                 fold: int = 0, crop: Sequence[int] | None = None, batch_size: int = 16, num_workers: int = 0,
+                 num_classes: int = 2, in_channels: int = 1) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, num_classes=num_classes, in_channels=in_channels)
+        if split_mode not in SPLIT_MODES:
+            raise ValueError(f"unknown split_mode {split_mode!r}; expected one of {SPLIT_MODES}")
+        self.split_mode, self.seed, self.fractions, self.fold = split_mode, seed, tuple(fractions), fold
+        self.crop = None if crop is None else (int(crop[0]), int(crop[-1]))
+        self._arrays: MultiRaterArrays | None = None
+        self._splits: dict[str, np.ndarray] | None = None
+
+    def load_arrays(self) -> MultiRaterArrays:
+        """Read the data from disk (called once)."""
+        raise NotImplementedError
+
+    @property
+    def arrays(self) -> MultiRaterArrays:
+        """The whole data set, loaded and validated on first use."""
+        if self._arrays is None:
+            arrays = self.load_arrays().validate(self.num_classes)
+            if arrays.images.shape[1] != self.in_channels:
+                raise ValueError(f"{arrays.source}: images have {arrays.images.shape[1]} channels, the data module "
+                                 f"was configured with in_channels={self.in_channels}")
+            self._arrays = arrays
+        return self._arrays
+
+    def split_indices(self) -> dict[str, np.ndarray]:
+        """Image indices of each split."""
+        if self._splits is None:
+            arrays = self.arrays
+            if self.split_mode == "given" and arrays.splits:
+                self._splits = {s: np.asarray(arrays.splits.get(s, []), dtype=np.int64) for s in SPLITS}
+            else:
+                mode = "random" if self.split_mode == "given" else self.split_mode
+                self._splits = split_by_patient(arrays.patients, mode, self.seed, self.fractions, self.fold)
+        return self._splits
+
+    def make_dataset(self, split: str) -> ArrayDataset:
+        indices = self.split_indices()[split]
+        if len(indices) == 0:
+            raise ValueError(f"{self.arrays.source}: the {split} split is empty (split_mode={self.split_mode!r})")
+        return ArrayDataset(self.arrays, indices, self.crop, random_crop=split == "train" and self.crop is not None)
+
+
+class ArrayDataModule(MultiRaterDataModule):
+    """Your own multi-rater data from one ``.npz`` file, no loader to write.
+
+    The file (``numpy.savez``; read without pickle) holds:
+
+    * ``images``: (N, C, H, W) float;
+    * ``masks``: (N, R, H, W) integer class ids (0 = background);
+    * optional ``rater_mask``: (N, R) bool, False where rater r did not annotate image n (its
+      mask slot is ignored);
+    * optional ``patients``: (N,) strings or integers; images of a patient stay in one split
+      (default: every image is its own patient);
+    * optional ``ids``: (N,) unique strings;
+    * optional ``split``: (N,) strings "train" / "val" / "test" (used by ``split_mode="given"``).
+
+    Args:
+        path: the ``.npz`` file.
+        (other arguments as in :class:`MultiRaterDataModule`)
+    """
+
+    def __init__(self, path: str, split_mode: str = "given", seed: int = 0,
+                 fractions: Sequence[float] = (0.7, 0.1, 0.2), fold: int = 0, crop: Sequence[int] | None = None,
+                 batch_size: int = 16, num_workers: int = 0, num_classes: int = 2, in_channels: int = 1) -> None:
+        super().__init__(split_mode, seed, fractions, fold, crop, batch_size, num_workers, num_classes, in_channels)
+        self.save_hyperparameters()
+        self.path = path
+
+    def load_arrays(self) -> MultiRaterArrays:
+        return load_npz(self.path)
+
+
+def load_npz(path: str | os.PathLike) -> MultiRaterArrays:
+    """Read a multi-rater ``.npz`` (the :class:`ArrayDataModule` format) without unpickling."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            content = {k: data[k] for k in data.files}
+    except ValueError as err:
+        raise ValueError(f"{path}: holds pickled objects, which are never loaded (executing them could run code); "
+                         "store ids and patients as string arrays") from err
+    except Exception as err:  # zipfile.BadZipFile, OSError, ...
+        raise ValueError(f"{path}: not a readable .npz file ({err})") from err
+    missing = [k for k in ("images", "masks") if k not in content]
+    if missing:
+        raise KeyError(f"{path}: missing arrays {missing}; found {sorted(content)}")
+    splits = {}
+    if "split" in content:
+        split = content["split"].astype(str)
+        unknown = sorted(set(split) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"{path}: 'split' holds {unknown}; expected values in {SPLITS}")
+        splits = {s: np.flatnonzero(split == s) for s in SPLITS}
+    return MultiRaterArrays(
+        images=content["images"].astype(np.float32, copy=False),
+        masks=content["masks"],
+        rater_mask=content["rater_mask"].astype(bool) if "rater_mask" in content else None,
+        patients=content["patients"].astype(str).tolist() if "patients" in content else None,
+        ids=content["ids"].astype(str).tolist() if "ids" in content else None,
+        source=str(path),
+        splits=splits,
+    )
+
+
+def save_npz(path: str | os.PathLike, arrays: MultiRaterArrays, split: Sequence[str] | None = None) -> Path:
+    """Write ``arrays`` in the :class:`ArrayDataModule` format (strings as unicode arrays, no pickle)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {} if split is None else {"split": np.asarray(split, dtype=str)}
+    np.savez(path, images=arrays.images, masks=arrays.masks, rater_mask=arrays.rater_mask,
+             patients=np.asarray(arrays.patients, dtype=str), ids=np.asarray(arrays.ids, dtype=str), **extra)
+    return path
