@@ -281,9 +281,13 @@ class ArrayDataModule(MultiRaterDataModule):
 
 def load_npz(path: str | os.PathLike) -> MultiRaterArrays:
     """Read a multi-rater ``.npz`` (the :class:`ArrayDataModule` format) without unpickling."""
+    import zipfile
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a readable .npz file (an .npz is a zip archive of .npy arrays)")
     try:
         with np.load(path, allow_pickle=False) as data:
             content = {k: data[k] for k in data.files}

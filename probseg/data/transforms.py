@@ -286,7 +286,7 @@ def _affine_matrix(
     shear = torch.deg2rad(get("shear"))  # kornia takes shear in radians but rotation in degrees
     # get_affine_matrix2d turns positive angles clockwise as displayed; negate for counter-clockwise.
     matrix = get_affine_matrix2d(
-        get("translation") * size, center, scale, -get("rotation"), sx=shear[:, 0], sy=shear[:, 1]
+        get("translation") * size, center, scale, -get("rotation"), sx=shear[:, 1], sy=shear[:, 0]
     )
     return matrix[:, :2, :]
 
