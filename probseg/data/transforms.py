@@ -263,7 +263,8 @@ def _check_params(params: Mapping[str, Any], batch_size: int, device: torch.devi
         try:
             checked[name] = torch.broadcast_to(tensor, shape)
         except RuntimeError as error:
-            raise ValueError(f"params[{name!r}] of shape {tuple(tensor.shape)} does not broadcast to {shape}") from error
+            message = f"params[{name!r}] of shape {tuple(tensor.shape)} does not broadcast to {shape}"
+            raise ValueError(message) from error
     return checked
 
 
@@ -286,7 +287,7 @@ def _affine_matrix(
     shear = torch.deg2rad(get("shear"))  # kornia takes shear in radians but rotation in degrees
     # get_affine_matrix2d turns positive angles clockwise as displayed; negate for counter-clockwise.
     matrix = get_affine_matrix2d(
-        get("translation") * size, center, scale, -get("rotation"), sx=shear[:, 1], sy=shear[:, 0]
+        get("translation") * size, center, scale, -get("rotation"), sx=shear[:, 0], sy=shear[:, 1]
     )
     return matrix[:, :2, :]
 

@@ -196,8 +196,8 @@ def test_gamma_on_another_range_keeps_min_and_max_and_follows_the_formula() -> N
     g = torch.Generator().manual_seed(4)
     image = 3 * torch.randn(2, 3, 32, 32, generator=g) - 2  # negative values, not in [0, 1]
     gamma = torch.tensor([0.6, 1.4])
-    out = PaperAugmentation()({"image": image, "masks": torch.zeros(2, 1, 32, 32, dtype=torch.long)}, params={"gamma": gamma})
-    out_image = out["image"]
+    batch = {"image": image, "masks": torch.zeros(2, 1, 32, 32, dtype=torch.long)}
+    out_image = PaperAugmentation()(batch, params={"gamma": gamma})["image"]
     low, high = image.amin(dim=(-2, -1), keepdim=True), image.amax(dim=(-2, -1), keepdim=True)
     torch.testing.assert_close(out_image.amin(dim=(-2, -1), keepdim=True), low)
     torch.testing.assert_close(out_image.amax(dim=(-2, -1), keepdim=True), high)
@@ -208,7 +208,8 @@ def test_gamma_on_another_range_keeps_min_and_max_and_follows_the_formula() -> N
 
 def test_gamma_leaves_constant_channels_finite_and_unchanged() -> None:
     image = torch.full((2, 1, 8, 8), -0.7)
-    out = PaperAugmentation()({"image": image, "masks": torch.zeros(2, 1, 8, 8, dtype=torch.long)}, params={"gamma": 0.5})
+    batch = {"image": image, "masks": torch.zeros(2, 1, 8, 8, dtype=torch.long)}
+    out = PaperAugmentation()(batch, params={"gamma": 0.5})
     assert torch.isfinite(out["image"]).all()
     assert torch.equal(out["image"], image)
 
