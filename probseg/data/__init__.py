@@ -4,6 +4,7 @@ from probseg.data.arrays import ArrayDataModule, MultiRaterArrays, MultiRaterDat
 from probseg.data.base import ProbSegDataModule
 from probseg.data.fusion import FUSIONS, fuse_raters, majority_vote, random_rater, rater_weights
 from probseg.data.lidc import LIDCDataModule
+from probseg.data.qubiq import QUBIQDataModule
 from probseg.data.synthetic import SyntheticCase, SyntheticDataModule, SyntheticDataset
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "LIDCDataModule",
     "MultiRaterArrays",
     "MultiRaterDataModule",
+    "QUBIQDataModule",
     "ProbSegDataModule",
     "SyntheticCase",
     "SyntheticDataModule",

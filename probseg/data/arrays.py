@@ -202,13 +202,15 @@ class MultiRaterDataModule(ProbSegDataModule):
         fractions: train, val, test patient fractions of "random".
         fold: validation fold of "paper".
         crop: (h, w) crop size (random for training, central for evaluation), or None.
-        batch_size, num_workers, num_classes, in_channels: see :class:`ProbSegDataModule`.
+        batch_size, num_workers, num_classes, in_channels, augmentation: see
+            :class:`ProbSegDataModule`.
     """
 
     def __init__(self, split_mode: str = "given", seed: int = 0, fractions: Sequence[float] = (0.7, 0.1, 0.2),
                  fold: int = 0, crop: Sequence[int] | None = None, batch_size: int = 16, num_workers: int = 0,
-                 num_classes: int = 2, in_channels: int = 1) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, num_classes=num_classes, in_channels=in_channels)
+                 num_classes: int = 2, in_channels: int = 1, augmentation: bool | dict[str, Any] | None = None) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, num_classes=num_classes,
+                         in_channels=in_channels, augmentation=augmentation)
         if split_mode not in SPLIT_MODES:
             raise ValueError(f"unknown split_mode {split_mode!r}; expected one of {SPLIT_MODES}")
         self.split_mode, self.seed, self.fractions, self.fold = split_mode, seed, tuple(fractions), fold
@@ -270,8 +272,10 @@ class ArrayDataModule(MultiRaterDataModule):
 
     def __init__(self, path: str, split_mode: str = "given", seed: int = 0,
                  fractions: Sequence[float] = (0.7, 0.1, 0.2), fold: int = 0, crop: Sequence[int] | None = None,
-                 batch_size: int = 16, num_workers: int = 0, num_classes: int = 2, in_channels: int = 1) -> None:
-        super().__init__(split_mode, seed, fractions, fold, crop, batch_size, num_workers, num_classes, in_channels)
+                 batch_size: int = 16, num_workers: int = 0, num_classes: int = 2, in_channels: int = 1,
+                 augmentation: bool | dict[str, Any] | None = None) -> None:
+        super().__init__(split_mode, seed, fractions, fold, crop, batch_size, num_workers, num_classes, in_channels,
+                         augmentation)
         self.save_hyperparameters()
         self.path = path
 

@@ -25,16 +25,23 @@ class ProbSegDataModule(pl.LightningDataModule):
         num_workers: data-loader worker processes (0 loads in the main process).
         num_classes: K, classes in the masks (binary = 2).
         in_channels: C, image channels.
+        augmentation: training-time augmentation on the device, in the batch: None or False (off),
+            True (the cSAE paper's Table 5 ranges), or a dict of ranges for
+            :class:`probseg.data.transforms.PaperAugmentation` (a part set to None is off).
     """
 
-    def __init__(self, batch_size: int = 16, num_workers: int = 0, num_classes: int = 2, in_channels: int = 1) -> None:
+    def __init__(self, batch_size: int = 16, num_workers: int = 0, num_classes: int = 2, in_channels: int = 1,
+                 augmentation: bool | dict[str, Any] | None = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        from probseg.data.transforms import build_augmentation
+
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.num_classes = num_classes
         self.in_channels = in_channels
+        self.augmentation = build_augmentation(augmentation)
         self.datasets: dict[str, Dataset] = {}
 
     def make_dataset(self, split: str) -> Dataset:
@@ -75,6 +82,14 @@ class ProbSegDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Augment whole training batches on their device (one geometry per image for the image and
+        # all its raters); randomness from torch's RNG, which Lightning seeds.
+        trainer = getattr(self, "trainer", None)
+        if self.augmentation is not None and trainer is not None and trainer.training:
+            batch = self.augmentation(batch)
+        return batch
 
     def item(self, split: str, index: int) -> dict[str, Any]:
         """One sample of ``split`` by index, with a clear error when out of range."""

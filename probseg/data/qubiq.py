@@ -49,7 +49,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -115,6 +115,7 @@ class QUBIQDataModule(MultiRaterDataModule):
         fold: validation fold of "paper".
         batch_size: images per batch.
         num_workers: data-loader worker processes.
+        augmentation: training augmentation (see :class:`~probseg.data.base.ProbSegDataModule`).
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class QUBIQDataModule(MultiRaterDataModule):
         fold: int = 0,
         batch_size: int = 16,
         num_workers: int = 0,
+        augmentation: bool | dict[str, Any] | None = None,
     ) -> None:
         if dataset not in DATASETS:
             raise ValueError(f"unknown QUBIQ dataset {dataset!r}; expected one of {sorted(DATASETS)}")
@@ -140,8 +142,9 @@ class QUBIQDataModule(MultiRaterDataModule):
             raise ValueError(f"image_size must be positive, got {image_size}")
         super().__init__(split_mode=split_mode, seed=seed, fractions=fractions, fold=fold, crop=None,
                          batch_size=batch_size, num_workers=num_workers, num_classes=2,
-                         in_channels=spec.in_channels)
+                         in_channels=spec.in_channels, augmentation=augmentation)
         self.save_hyperparameters()
+        self.dataset_name = f"qubiq-{dataset}-task{task}"  # the label of results tables
         self.root, self.dataset_name, self.task = Path(root), dataset, task
         self.image_size, self.include_validation = image_size, include_validation
         self.spec = spec
@@ -199,6 +202,7 @@ class QUBIQDataModule(MultiRaterDataModule):
         return files
 
     def load_arrays(self) -> MultiRaterArrays:
+        """Read, resample and normalize every case of the dataset and task (see the module docstring)."""
         folder = self.dataset_folder()
         cases = self._case_folders(folder)
         seg_files = [self._segmentations(case) for case in cases]

@@ -241,6 +241,7 @@ class SyntheticDataModule(ProbSegDataModule):
         seed: data seed (independent of Lightning's training seed).
         noise_std: image noise.
         batch_size, num_workers: loader settings.
+        augmentation: training augmentation (see :class:`~probseg.data.base.ProbSegDataModule`).
     """
 
     def __init__(
@@ -255,8 +256,10 @@ class SyntheticDataModule(ProbSegDataModule):
         noise_std: float = 0.1,
         batch_size: int = 16,
         num_workers: int = 0,
+        augmentation: bool | dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, num_classes=2, in_channels=1)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, num_classes=2, in_channels=1,
+                         augmentation=augmentation)
         self.save_hyperparameters()
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
 

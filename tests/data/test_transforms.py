@@ -397,3 +397,22 @@ def test_build_augmentation_rejects_unknown_keys_and_bad_values() -> None:
         build_augmentation({"scaling": [0, 1]})
     with pytest.raises(TypeError, match="augmentation config must be"):
         build_augmentation("paper")
+
+
+def test_data_modules_augment_training_batches_only() -> None:
+    """``augmentation`` in a data module's YAML: training batches are transformed on their device
+    (image and masks together), validation batches never; off by default."""
+    from types import SimpleNamespace
+
+    from probseg.data import SyntheticDataModule
+
+    dm = SyntheticDataModule(image_size=32, num_train=4, num_val=2, num_test=2, batch_size=4,
+                             augmentation={"rotation": [90, 90], "translation": None, "scaling": None, "shear": None,
+                                           "brightness": None, "gamma": None})
+    batch = next(iter(dm.train_dataloader()))
+    dm.trainer = SimpleNamespace(training=False)
+    assert dm.on_after_batch_transfer(batch, 0) is batch
+    dm.trainer = SimpleNamespace(training=True)
+    out = dm.on_after_batch_transfer(batch, 0)
+    assert torch.equal(out["masks"], torch.rot90(batch["masks"], 1, dims=(-2, -1)))
+    assert SyntheticDataModule().augmentation is None
