@@ -268,3 +268,29 @@ def test_soft_label_training_logs_each_reconstruction_component(tmp_path: Path) 
     with open(metrics, newline="") as f:
         row = next(r for r in csv.DictReader(f) if r.get("train/rec"))
     assert float(row["train/rec"]) == pytest.approx(float(row["train/rec_ce"]) + float(row["train/rec_dml1"]), rel=1e-5)
+
+
+# Table 4 of the cSAE paper: beta, gamma, patience, N_eval (batch 32, lr 1e-4, weight decay 5e-5, L 6, N_OT 16).
+TABLE_4 = {"lidc": (10, 10, 40, 16), "pancreas": (10, 1, 200, 16), "pancreatic-lesion": (10, 10, 500, 15),
+           "brain-growth": (10, 10, 300, 28), "brain-tumor": (10, 1, 300, 15)}
+
+
+@pytest.mark.parametrize("config", [p for p in EXPERIMENTS if "synthetic" not in p.parts],
+                         ids=lambda p: str(p.relative_to(REPO / "experiments")))
+def test_paper_configs_follow_table_4(config: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from probseg.callbacks import EvaluationCallback
+
+    monkeypatch.chdir(tmp_path)
+    cli = _cli(["--config", str(config), "--wandb", "disabled"])
+    beta, gamma, patience, n_eval = TABLE_4[config.parent.name]
+    model, data = cli.model, cli.datamodule
+    assert (model.beta, model.lr, model.weight_decay, model.hparams.latent_dim) == (beta, 1e-4, 5e-5, 6)
+    if model.registry_name == "csae":
+        assert (model.gamma, model.num_ot_samples, model.hparams.sinkhorn_diameter) == (gamma, 16, 100.0)
+    assert (data.batch_size, data.split_mode, data.augmentation is not None) == (32, "paper", True)
+    stopping = next(c for c in cli.trainer.callbacks if isinstance(c, EarlyStopping))
+    assert (stopping.monitor, stopping.patience) == ("val/loss", patience)
+    assert next(c for c in cli.trainer.callbacks if isinstance(c, EvaluationCallback)).num_samples == n_eval
+    assert cli.trainer.gradient_clip_val == 1.0
