@@ -207,17 +207,32 @@ def test_missing_roots_and_unknown_formats(kwargs: dict, error: type, match: str
         LIDCDataModule(**kwargs).dataset("train")
 
 
-def test_lidc_trains_and_summarizes_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("fmt", ["npz", "pickle", "hdf5", "png"])
+def test_every_format_trains_and_summarizes_through_the_cli(fmt: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     import yaml
 
-    path = _write_pickle(tmp_path / "data_lidc.pickle", _entries(n=10, patients=5))
-    npz = tmp_path / "lidc.npz"
-    assert main(["convert", "lidc-pickle", str(path), str(npz)]) == 0
+    init: dict = {"format": fmt, "batch_size": 2}
+    if fmt in ("npz", "pickle"):
+        path = _write_pickle(tmp_path / "data_lidc.pickle", _entries(n=10, patients=5))
+        if fmt == "npz":
+            assert main(["convert", "lidc-pickle", str(path), str(tmp_path / "lidc.npz")]) == 0
+            path = tmp_path / "lidc.npz"
+        init.update(root=str(path), split_mode="paper", fold=1, allow_pickle=fmt == "pickle")
+        # 5 patients: the first 20% (1 patient, 2 slices) is the test set; 4 patients in 3 folds.
+        expected = "| test | 2 | 1 | 4 / 4.00 / 4 | 1x16x16 |"
+    elif fmt == "hdf5":
+        _write_hdf5(tmp_path / "lidc.hdf5")
+        init.update(root=str(tmp_path / "lidc.hdf5"))
+        expected = "| test | 3 | 2 | 4 / 4.00 / 4 | 1x16x16 |"
+    else:
+        _write_png_tree(tmp_path / "png")
+        init.update(root=str(tmp_path / "png"))
+        expected = "| test | 2 | 1 | 4 / 4.00 / 4 | 1x128x128 |"
     config = {
         "model": {"class_path": "punet", "init_args": {"num_filters": [4, 8, 8], "convs_per_block": 1,
                                                        "latent_dim": 3, "fcomb_layers": 2}},
-        "data": {"class_path": "probseg.data.LIDCDataModule",
-                 "init_args": {"root": str(npz), "split_mode": "paper", "fold": 1, "batch_size": 2}},
+        "data": {"class_path": "probseg.data.LIDCDataModule", "init_args": init},
         "trainer": {"default_root_dir": str(tmp_path / "run"), "max_steps": 2, "accelerator": "cpu",
                     "devices": 1, "enable_model_summary": False, "limit_val_batches": 1,
                     "log_every_n_steps": 1, "val_check_interval": 2},
@@ -226,8 +241,6 @@ def test_lidc_trains_and_summarizes_through_the_cli(tmp_path: Path, capsys: pyte
     cfg.write_text(yaml.safe_dump(config))
     capsys.readouterr()
     assert main(["data", "summary", "--config", str(cfg)]) == 0
-    out = capsys.readouterr().out
-    # 5 patients: the first 20% (1 patient, 2 slices) is the test set; 4 patients in 3 folds.
-    assert "| test | 2 | 1 | 4 / 4.00 / 4 | 1x16x16 |" in out
+    assert expected in capsys.readouterr().out
     assert main(["fit", "--config", str(cfg), "--wandb", "disabled"]) == 0
     assert (tmp_path / "run/checkpoints/last.ckpt").is_file()
