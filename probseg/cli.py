@@ -120,7 +120,7 @@ def convert_main(argv: list[str]) -> int:
           file=sys.stderr)
     try:
         path = convert_lidc_pickle(args.inputs, args.output)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:
         print(f"probseg convert: {err}", file=sys.stderr)
         return 1
     print(f"written: {path}")

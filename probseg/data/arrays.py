@@ -56,8 +56,8 @@ class MultiRaterArrays:
         n = len(self.images)
         if self.rater_mask is None:
             self.rater_mask = np.ones(self.masks.shape[:2], dtype=bool)
-        self.patients = [str(p) for p in (self.patients if self.patients is not None else self.ids or range(n))]
         self.ids = [str(i) for i in (self.ids if self.ids is not None else range(n))]
+        self.patients = [str(p) for p in (self.patients if self.patients is not None else self.ids)]
 
     def validate(self, num_classes: int = 2) -> MultiRaterArrays:
         """Check shapes, dtypes and values; errors name :attr:`source` and the first bad image."""
@@ -79,11 +79,13 @@ class MultiRaterArrays:
         if not np.issubdtype(masks.dtype, np.integer) and masks.dtype != bool:
             if not np.all(masks == np.round(masks)):
                 raise ValueError(f"{src}: masks must hold integer class ids, got dtype {masks.dtype} with fractions")
-        finite = np.isfinite(images.reshape(len(images), -1)).all(axis=1)
-        if not finite.all():
-            raise ValueError(f"{src}: image {self.ids[int(np.argmin(finite))]} holds NaN or Inf")
-        bad = ((masks < 0) | (masks >= num_classes)).reshape(len(masks), -1).any(axis=1)
-        if bad.any():
+        # Cheap global checks first; per-image temporaries only to name the culprit.
+        if not np.isfinite(images.sum(dtype=np.float64)):
+            finite = np.array([np.isfinite(im).all() for im in images])
+            if not finite.all():  # (a huge but finite sum overflows without a bad value)
+                raise ValueError(f"{src}: image {self.ids[int(np.argmin(finite))]} holds NaN or Inf")
+        if masks.min() < 0 or masks.max() >= num_classes:
+            bad = np.array([m.min() < 0 or m.max() >= num_classes for m in masks])
             i = int(np.argmax(bad))
             raise ValueError(
                 f"{src}: masks of image {self.ids[i]} hold values {np.unique(masks[i]).tolist()}, outside the "
@@ -296,8 +298,10 @@ def load_npz(path: str | os.PathLike) -> MultiRaterArrays:
         with np.load(path, allow_pickle=False) as data:
             content = {k: data[k] for k in data.files}
     except ValueError as err:
-        raise ValueError(f"{path}: holds pickled objects, which are never loaded (executing them could run code); "
-                         "store ids and patients as string arrays") from err
+        if "pickle" in str(err).lower() or "object arrays" in str(err).lower():
+            raise ValueError(f"{path}: holds pickled objects, which are never loaded (executing them could run "
+                             "code); store ids and patients as string arrays") from err
+        raise ValueError(f"{path}: a corrupt array ({err})") from err
     except Exception as err:  # zipfile.BadZipFile, OSError, ...
         raise ValueError(f"{path}: not a readable .npz file ({err})") from err
     missing = [k for k in ("images", "masks") if k not in content]

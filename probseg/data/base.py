@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 SPLITS = ("train", "val", "test")
@@ -88,8 +89,18 @@ class ProbSegDataModule(pl.LightningDataModule):
         # all its raters); randomness from torch's RNG, which Lightning seeds.
         trainer = getattr(self, "trainer", None)
         if self.augmentation is not None and trainer is not None and trainer.training:
-            batch = self.augmentation(batch)
+            batch = self.augmentation(batch, generator=self._augmentation_generator(batch["image"].device, trainer))
         return batch
+
+    def _augmentation_generator(self, device: torch.device, trainer: Any) -> torch.Generator:
+        """One generator per process, seeded from torch's (Lightning-seeded) initial seed and the
+        rank: DDP ranks draw different augmentations instead of repeating each other's."""
+        generator = getattr(self, "_aug_generator", None)
+        if generator is None or generator.device != device:
+            rank = getattr(trainer, "global_rank", 0)
+            seed = (torch.initial_seed() + 1_000_003 * (rank + 1)) % (1 << 63)
+            generator = self._aug_generator = torch.Generator(device=device).manual_seed(seed)
+        return generator
 
     def item(self, split: str, index: int) -> dict[str, Any]:
         """One sample of ``split`` by index, with a clear error when out of range."""

@@ -4,7 +4,8 @@
 
 * ``"npz"`` (default): the safe array file written by ``probseg convert lidc-pickle`` (or any
   file in the :class:`~probseg.data.arrays.ArrayDataModule` format);
-* ``"pickle"``: ``data_lidc.pickle`` of the PyTorch PU-Net port, one or more ``*.pickle`` files,
+* ``"pickle"``: ``data_lidc.pickle`` of the PyTorch PU-Net port, one or more ``*.pickle`` files
+  (a folder: every ``*.pickle`` in it, all trusted by the one ``allow_pickle``),
   each a dict ``key -> {"image": (128, 128) float in [0, 1], "masks": 4 binary (128, 128)
   arrays, "series_uid": str}``. Unpickling executes code from the file, so it needs an explicit
   ``allow_pickle=True``; convert once and read the ``.npz`` instead. Files above 2 GiB are read
@@ -16,8 +17,8 @@
   ``<split>/gt/<patient>/z-<Z>_c<k>_l<r>.png`` with raters r in 0..3 (or 1..4), 180x180: cropped
   to 128x128, at random for training and centrally for evaluation.
 
-The patient is the series uid (pickle, hdf5) or the patient folder (png); splits never separate a
-patient's slices. ``split_mode="given"`` keeps the splits of hdf5 and png files; ``"random"``
+The patient is the ``LIDC-IDRI-NNNN`` prefix of the pickle keys (else the series uid), the HDF5
+``uids``, or the patient folder (png); splits never separate a patient's slices. ``split_mode="given"`` keeps the splits of hdf5 and png files; ``"random"``
 and ``"paper"`` (first 20% of the patients as test, 3-fold cross-validation on the rest, ``fold``)
 split by patient with ``seed``.
 """
@@ -40,6 +41,7 @@ NUM_RATERS = 4
 _CHUNK = 1 << 30  # bytes per read: below the 2 GiB limit of a single read on some platforms
 _PNG_IMAGE = re.compile(r"^z-(?P<z>-?[\d.]+)_c(?P<c>\d+)\.png$")
 _PNG_LABEL = re.compile(r"^z-(?P<z>-?[\d.]+)_c(?P<c>\d+)_l(?P<r>\d+)\.png$")
+_PATIENT_KEY = re.compile(r"^(LIDC-IDRI-\d{4})")
 
 
 class _ChunkedReader(io.RawIOBase):
@@ -105,9 +107,17 @@ def read_lidc_pickle(paths: Sequence[str | os.PathLike], allow_pickle: bool = Fa
                 raise ValueError(f"{path}: entry {key!r} has masks of shape {rater.shape[1:]}, image {image.shape}")
             if not np.isin(rater, (0, 1)).all():
                 raise ValueError(f"{path}: entry {key!r} has non-binary masks (values {np.unique(rater)[:5].tolist()})")
+            if images and image.shape != images[0].shape[1:]:
+                raise ValueError(f"{path}: entry {key!r} has an image of shape {image.shape}, the first entry "
+                                 f"{images[0].shape[1:]}")
+            if rater.shape[0] != NUM_RATERS:
+                raise ValueError(f"{path}: entry {key!r} has {rater.shape[0]} masks, expected {NUM_RATERS}")
             images.append(image[None])
             masks.append(rater.astype(np.uint8))
-            patients.append(str(item["series_uid"]))
+            # A patient can have several CT series: group by the patient id the keys start with
+            # ("LIDC-IDRI-0001_..."), else by the series uid.
+            match = _PATIENT_KEY.match(str(key))
+            patients.append(match.group(1) if match else str(item["series_uid"]))
             ids.append(str(key))
     if not images:
         raise ValueError(f"{files[0]}: no entries")
@@ -165,13 +175,18 @@ def _read_png(path: Path, binary: bool) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            array = np.asarray(img.convert("L"))
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: convert("L") would saturate
+                array, scale = np.asarray(img), 65535.0
+            elif img.mode in ("L", "P", "RGB", "RGBA", "LA", "1"):
+                array, scale = np.asarray(img.convert("L")), 255.0
+            else:
+                raise ValueError(f"unsupported PNG mode {img.mode!r}")
     except Exception as err:
         raise ValueError(f"{path}: not a readable PNG ({err})") from err
     if not binary:
-        return array.astype(np.float32) / 255.0
+        return array.astype(np.float32) / scale
     values = np.unique(array)
-    if not (np.isin(values, (0, 1)).all() or np.isin(values, (0, 255)).all()):
+    if not (np.isin(values, (0, 1)).all() or np.isin(values, (0, int(scale))).all()):
         raise ValueError(f"{path}: rater mask is not binary (values {values[:5].tolist()})")
     return (array > 0).astype(np.uint8)
 
@@ -211,9 +226,13 @@ def read_lidc_png(root: str | os.PathLike) -> MultiRaterArrays:
                     f"0..3 or 1..4, found raters {raters}"
                 )
             image = _read_png(path, binary=False)
-            rater = np.stack([_read_png(labels[r], binary=True) for r in raters])
-            if rater.shape[1:] != image.shape:
-                raise ValueError(f"{labels[raters[0]]}: mask shape {rater.shape[1:]} differs from the image {image.shape}")
+            if images and image.shape != images[0].shape[1:]:
+                raise ValueError(f"{path}: image of shape {image.shape}, the others are {images[0].shape[1:]}")
+            rater = [_read_png(labels[r], binary=True) for r in raters]
+            for r, mask in zip(raters, rater):
+                if mask.shape != image.shape:
+                    raise ValueError(f"{labels[r]}: mask shape {mask.shape} differs from the image {image.shape}")
+            rater = np.stack(rater)
             images.append(image[None])
             masks.append(rater)
             patients.append(patient)

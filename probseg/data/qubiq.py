@@ -144,14 +144,14 @@ class QUBIQDataModule(MultiRaterDataModule):
                          batch_size=batch_size, num_workers=num_workers, num_classes=2,
                          in_channels=spec.in_channels, augmentation=augmentation)
         self.save_hyperparameters()
+        self.root, self.qubiq_dataset, self.task = Path(root), dataset, task
         self.dataset_name = f"qubiq-{dataset}-task{task}"  # the label of results tables
-        self.root, self.dataset_name, self.task = Path(root), dataset, task
         self.image_size, self.include_validation = image_size, include_validation
         self.spec = spec
 
     def dataset_folder(self) -> Path:
         """The ``<release>/<dataset>`` folder that is read (the newest release holding it)."""
-        root, name = self.root, self.dataset_name
+        root, name = self.root, self.qubiq_dataset
         if not root.is_dir():
             raise FileNotFoundError(f"QUBIQ root {root} does not exist or is not a folder")
         releases = [root / r for r in RELEASES if (root / r).is_dir()]
@@ -212,7 +212,7 @@ class QUBIQDataModule(MultiRaterDataModule):
         tagged = len(set(names)) < len(names)  # the same case name in training and validation
         images, masks, rater_masks, patients, ids = [], [], [], [], []
         for case, files in zip(cases, seg_files):
-            patient = f"{self.dataset_name}-{case.split}-{case.name}" if tagged else f"{self.dataset_name}-{case.name}"
+            patient = f"{self.qubiq_dataset}-{case.split}-{case.name}" if tagged else f"{self.qubiq_dataset}-{case.name}"
             image, segs = self._read_case(case, files)
             present = np.zeros(len(slot), dtype=bool)
             slots = [slot[r] for r in sorted(files)]  # the order of the rows of segs
@@ -231,7 +231,7 @@ class QUBIQDataModule(MultiRaterDataModule):
                 masks.append(full)
                 rater_masks.append(np.repeat(present[None], len(image), axis=0))
                 patients += [patient] * len(image)
-        source = f"QUBIQ {self.dataset_name} task {self.task} ({folder})"
+        source = f"QUBIQ {self.qubiq_dataset} task {self.task} ({folder})"
         if not images:
             raise ValueError(f"{source}: no slice of any case is annotated")
         return MultiRaterArrays(
@@ -256,7 +256,7 @@ class QUBIQDataModule(MultiRaterDataModule):
         if self.spec.volumetric:
             if image.ndim not in (2, 3):
                 raise ValueError(f"{image_path}: image of shape {raw.shape}; expected a volume (H, W, D) "
-                                 f"for QUBIQ {self.dataset_name}")
+                                 f"for QUBIQ {self.qubiq_dataset}")
             volume = image.reshape(*image.shape[:2], -1)  # (H, W, D)
             spatial = image.shape
             images = np.moveaxis(volume, -1, 0)[:, None]  # (D, 1, H, W)
@@ -264,7 +264,7 @@ class QUBIQDataModule(MultiRaterDataModule):
             if not (image.ndim == 2 and channels == 1 or image.ndim == 3 and image.shape[2] == channels):
                 expected = "(H, W) or (H, W, 1)" if channels == 1 else f"(H, W, {channels})"
                 raise ValueError(f"{image_path}: image of shape {raw.shape}; expected {expected} "
-                                 f"for QUBIQ {self.dataset_name}")
+                                 f"for QUBIQ {self.qubiq_dataset}")
             spatial = image.shape[:2]
             images = image.reshape(*spatial, channels).transpose(2, 0, 1)[None]  # (1, C, H, W)
         if not np.isfinite(images).all():

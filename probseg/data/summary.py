@@ -45,21 +45,33 @@ def summarize_split(dataset: Any, patients: list[str] | None = None, progress: b
         "patients": len(set(patients)) if patients is not None else None,
         "raters": (min(raters), float(np.mean(raters)), max(raters)) if raters else None,
         "shape": sorted(shapes),
-        "intensity": (low, high),
+        "intensity": (low, high) if shapes else (float("nan"), float("nan")),
         "empty": float(np.mean(empty)) if empty else float("nan"),
         "dice": float(np.mean(dice)) if dice else float("nan"),
     }
 
 
 def summarize(datamodule: Any, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """:func:`summarize_split` of every split of ``datamodule``."""
+    """:func:`summarize_split` of every split of ``datamodule``; an empty split has 0 images.
+    Training crops are taken centrally here, so the summary is the same at every run."""
     out = {}
     for split in SPLITS:
-        dataset = datamodule.dataset(split)
         patients = None
         if hasattr(datamodule, "split_indices"):
-            patients = [datamodule.arrays.patients[i] for i in datamodule.split_indices()[split]]
-        out[split] = summarize_split(dataset, patients, progress)
+            indices = datamodule.split_indices()[split]
+            patients = [datamodule.arrays.patients[i] for i in indices]
+            if len(indices) == 0:
+                out[split] = summarize_split([], [], progress)
+                continue
+        dataset = datamodule.dataset(split)
+        random_crop = getattr(dataset, "random_crop", False)
+        if random_crop:
+            dataset.random_crop = False
+        try:
+            out[split] = summarize_split(dataset, patients, progress)
+        finally:
+            if random_crop:
+                dataset.random_crop = True
     return out
 
 

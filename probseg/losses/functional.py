@@ -129,7 +129,7 @@ def region_loss(
     (|x + y| = |x| + |y| for non-negative maps.) Each N and D has the scale of the loss it extends
     on hard labels (SJL for JML, SDL for DML, the soft Tversky loss for CTL), so the equalities of
     Theorems 2 and 6 hold for any ``smooth``. SDL and SJL are only correct for hard labels
-    (for a target of 0.5 SDL is minimized by predicting 1); JML, DML and CTL reach 0 exactly at
+    (on a single foreground channel with target 0.5, SDL is minimized by predicting 1); JML, DML and CTL reach 0 exactly at
     x = y for soft labels too, and equal SJL / SDL / the soft Tversky loss on hard labels
     (Theorems 2 and 6). ``gamma`` is a focal exponent for every kind (CFTL is CTL with it).
     A class whose N and D are both 0 (empty in prediction and target, ``smooth=0``) costs 0.
@@ -189,7 +189,10 @@ def region_loss(
     per_class = torch.where(den > 0, 1 - (num + smooth) / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
     per_class = per_class.clamp_min(0)  # rounding can dip below 0 at x = y
     if gamma != 1.0:
-        per_class = per_class.pow(gamma)
+        # x ** gamma with gamma < 1 has an infinite slope at 0: take the power of a floored copy,
+        # so a perfectly fitted class has loss 0 and a finite gradient.
+        floored = per_class.clamp_min(torch.finfo(per_class.dtype).tiny)
+        per_class = torch.where(per_class > 0, floored.pow(gamma), torch.zeros_like(per_class))
     if classes == "all":
         per_image_loss = per_class.mean(dim=1)
     else:
@@ -209,8 +212,7 @@ def _region(kind: str):  # one public function per kind, sharing region_loss's o
     return loss
 
 
-sdl, sjl, jml1, jml2, dml1, dml2, ctl = (_region(k) for k in ("sdl", "sjl", "jml1", "jml2", "dml1", "dml2", "ctl"))
-cftl = _region("cftl")
+sdl, sjl, jml1, jml2, dml1, dml2, ctl, cftl = (_region(k) for k in REGION_LOSSES)
 
 
 

@@ -92,7 +92,7 @@ class ReconstructionLoss(nn.Module):
                 probs = logits.softmax(dim=1) if probs is None else probs
                 if name in L.REGION_LOSSES:
                     value = L.region_loss(probs, maps, name, check=False, **self.region_options)
-                elif name == "uniform_kl":
+                elif name == "uniform_kl":  # from the logits: log_softmax stays finite where p underflows
                     value = -F.log_softmax(logits, dim=1).clamp_min(math.log(self.eps)).mean(1).mean()
                 else:  # mse
                     value = (probs - maps).square().sum(1).mean()

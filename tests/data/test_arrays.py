@@ -112,3 +112,19 @@ def test_channel_count_and_empty_splits_are_clear_errors(tmp_path: Path) -> None
     path = save_npz(tmp_path / "one.npz", one_patient)
     with pytest.raises(ValueError, match="the val split is empty"):
         ArrayDataModule(str(path), in_channels=2, split_mode="random").dataset("val")
+
+
+def test_summary_reports_an_empty_split_and_is_the_same_at_every_run(tmp_path: Path) -> None:
+    from probseg.data.summary import summarize
+
+    path = save_npz(tmp_path / "mine.npz", _arrays(), split=["train"] * 4 + ["val"] * 2)
+    dm = ArrayDataModule(str(path), in_channels=2, crop=(4, 4))
+    first, second = summarize(dm, progress=False), summarize(dm, progress=False)
+    assert first["test"]["images"] == 0 and first["train"]["images"] == 4
+    assert (first["train"], first["val"]) == (second["train"], second["val"]), "training crops are central in the summary"
+
+
+def test_ids_may_be_numpy_arrays() -> None:
+    arrays = MultiRaterArrays(np.zeros((2, 1, 4, 4), np.float32), np.zeros((2, 1, 4, 4), np.uint8),
+                              ids=np.array(["a", "b"]))
+    assert arrays.ids == ["a", "b"] and arrays.patients == ["a", "b"]

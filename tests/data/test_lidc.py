@@ -244,3 +244,22 @@ def test_every_format_trains_and_summarizes_through_the_cli(fmt: str, tmp_path: 
     assert expected in capsys.readouterr().out
     assert main(["fit", "--config", str(cfg), "--wandb", "disabled"]) == 0
     assert (tmp_path / "run/checkpoints/last.ckpt").is_file()
+
+
+def test_pickle_patients_come_from_the_lidc_key_prefix(tmp_path: Path) -> None:
+    """Keys "LIDC-IDRI-0001_..." name the patient; a patient with two CT series stays one patient."""
+    entries = _entries(n=4)
+    renamed = {f"LIDC-IDRI-000{1 + i // 2}_slice{i}": dict(v, series_uid=f"series-{i}") for i, v in enumerate(entries.values())}
+    arrays = read_lidc_pickle([_write_pickle(tmp_path / "p.pickle", renamed)], allow_pickle=True)
+    assert arrays.patients == ["LIDC-IDRI-0001", "LIDC-IDRI-0001", "LIDC-IDRI-0002", "LIDC-IDRI-0002"]
+
+
+def test_sixteen_bit_png_images_are_scaled_not_saturated(tmp_path: Path) -> None:
+    from PIL import Image
+
+    truth = _write_png_tree(tmp_path)
+    key = next(k for k in truth if k.startswith("val/"))
+    ramp = (np.arange(180 * 180).reshape(180, 180) % 65536).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / f"{key}.png".replace("val/", "val/images/"))
+    item = next(it for it in LIDCDataModule(str(tmp_path), format="png").dataset("val") if it["id"] == key)
+    np.testing.assert_allclose(item["image"][0].numpy(), ramp[26:154, 26:154] / 65535.0, rtol=1e-6)

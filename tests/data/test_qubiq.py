@@ -406,3 +406,11 @@ def test_probseg_fit_on_qubiq_through_the_cli(tmp_path: Path) -> None:
     checkpoint = torch.load(last, weights_only=False)
     assert checkpoint["global_step"] == 2
     assert checkpoint["datamodule_hyper_parameters"]["dataset"] == "brain-tumor"
+
+
+def test_results_label_names_dataset_and_task(tmp_path: Path) -> None:
+    """Results tables tell tasks apart (each task has its own oracle row)."""
+    from probseg.callbacks.evaluation import dataset_name
+
+    labels = {dataset_name(QUBIQDataModule(str(tmp_path), dataset="brain-tumor", task=t)) for t in (1, 2, 3)}
+    assert labels == {"qubiq-brain-tumor-task1", "qubiq-brain-tumor-task2", "qubiq-brain-tumor-task3"}

@@ -416,3 +416,19 @@ def test_data_modules_augment_training_batches_only() -> None:
     out = dm.on_after_batch_transfer(batch, 0)
     assert torch.equal(out["masks"], torch.rot90(batch["masks"], 1, dims=(-2, -1)))
     assert SyntheticDataModule().augmentation is None
+
+
+def test_ddp_ranks_draw_different_augmentations() -> None:
+    """Ranks share Lightning's seed; their augmentation generators must still differ."""
+    from types import SimpleNamespace
+
+    from probseg.data import SyntheticDataModule
+
+    batch = next(iter(SyntheticDataModule(image_size=32, num_train=4, batch_size=4).train_dataloader()))
+    outs = []
+    for rank in (0, 1, 0):
+        dm = SyntheticDataModule(image_size=32, num_train=4, batch_size=4, augmentation=True)
+        dm.trainer = SimpleNamespace(training=True, global_rank=rank)
+        torch.manual_seed(0)
+        outs.append(dm.on_after_batch_transfer(dict(batch), 0)["image"])
+    assert not torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

@@ -505,3 +505,16 @@ def test_bad_options_raise() -> None:
     for bad in ({"smooth": -1.0}, {"gamma": 0.0}, {"alpha": -0.1}, {"beta": -0.1}):
         with pytest.raises(ValueError, match="smooth >= 0"):
             region_loss(x, x, "ctl", **bad)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.75])
+def test_focal_exponent_below_one_has_finite_gradients_at_a_perfect_fit(gamma: float) -> None:
+    """x ** gamma has an infinite slope at 0 for gamma < 1; a perfectly fitted batch must still
+    give loss 0 and finite gradients (the focal Tversky convention uses 0.75)."""
+    target = torch.zeros(2, 2, 4, 4)
+    target[:, 1, :2] = 1
+    target[:, 0] = 1 - target[:, 1]
+    logits = (60 * target - 30).requires_grad_()
+    loss = ctl(logits.softmax(1), target, gamma=gamma, alpha=0.7, beta=0.3, smooth=0)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and bool(torch.isfinite(logits.grad).all())
