@@ -189,14 +189,32 @@ def build_cli(args: list[str], run: bool = True) -> Any:
         sys.argv = argv
 
 
+def _check_model_name(name: str) -> None:
+    """A bare word that is neither a registry name nor a zoo class name is a typo: say so, with
+    the closest registered names (dotted import paths and files are left to Lightning)."""
+    import difflib
+
+    from probseg.models import MODELS
+
+    if not name.isidentifier() or name in MODELS or name in {cls.__name__ for cls in MODELS.values()}:
+        return
+    close = difflib.get_close_matches(name, list(MODELS) + [cls.__name__ for cls in MODELS.values()], n=3)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    print(f"probseg: unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}.{hint}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _resolve_model_node(node: Any, base: Path, written: list[Path]) -> Any:
     """A ``model`` config value with registry names resolved: a name, a dict with ``class_path``,
     or the path of a YAML file holding one (relative to ``base``), resolved in turn."""
     from probseg.models import MODELS, class_path
 
+    if isinstance(node, dict) and isinstance(node.get("class_path"), str):
+        _check_model_name(node["class_path"])
     if isinstance(node, str):
         if node in MODELS:
             return {"class_path": class_path(MODELS[node])}
+        _check_model_name(node)
         file = base / node
         if node.endswith((".yaml", ".yml")) and file.is_file():
             resolved = _resolve_config_file(str(file), written, model_file=True)

@@ -56,10 +56,14 @@ class ProbSegCLI(LightningCLI):
         if config.get("logger") in (None, True):
             kwargs.setdefault("logger", default_loggers(root, self._get(self.config, "wandb", "offline")))
         callbacks = list(config.get("callbacks") or [])
+        for callback in callbacks:
+            # dirpath now, not at setup: `--ckpt_path last` is resolved before callbacks are set up.
+            if isinstance(callback, RunCheckpoint) and callback.dirpath is None:
+                callback.dirpath = os.path.realpath(os.path.join(root, "checkpoints"))
         if config.get("enable_checkpointing") is not False and not any(
             isinstance(c, ModelCheckpoint) for c in callbacks
         ):
-            callbacks.append(RunCheckpoint())
+            callbacks.append(RunCheckpoint(dirpath=os.path.join(root, "checkpoints")))
         # Evaluation metrics and the Gini curve are part of every run unless configured otherwise.
         for default in (EvaluationCallback, GiniCallback, FitSummary):
             if not any(isinstance(c, default) for c in callbacks):

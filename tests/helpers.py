@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
 
 import yaml
 
@@ -31,3 +35,15 @@ def tiny_config(root: Path, model: object = "punet", max_steps: int = 4, **train
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+class KillAtStep(Callback):
+    """Used from YAML by the resume tests: SIGKILLs its own process right after optimizer step
+    ``step``, with no cleanup and no final checkpoint, like a crash."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,33 +1,156 @@
-"""Checkpointing with a predictable place: ``{trainer.default_root_dir}/checkpoints``."""
+"""Checkpointing with a predictable place, exact resumption and one writer per run folder.
+
+:class:`RunCheckpoint` writes ``{trainer.default_root_dir}/checkpoints``: ``last.ckpt`` at every
+save (every ``every_n_train_steps`` steps and every epoch end) and the best by ``val/loss``. Its
+state in the checkpoint carries the random number generators (torch CPU and CUDA, numpy, Python),
+so ``probseg fit --config CFG --ckpt_path last`` continues a killed run with the draws it would
+have made: together with the optimizer, loops, callbacks and the data order (restored by
+Lightning and by :class:`probseg.data.base.ProbSegDataModule`), the resumed run ends with the
+weights of an uninterrupted one.
+
+While a run trains, ``checkpoints/.lock`` holds its process id: a second run pointed at the same
+folder is refused instead of overwriting the first one's checkpoints (a lock left by a process
+that no longer exists is taken over).
+"""
 
 from __future__ import annotations
 
 import os
+import random
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+LOCK_NAME = ".lock"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global random generator's state, as plain tensors and lists (weights_only-safe)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _python_state(random.getstate())}
+    np_state = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached": float(np_state[4])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that also keeps ``last.ckpt`` and, without an explicit ``dirpath``, writes to
-    ``{default_root_dir}/checkpoints`` instead of a logger-dependent folder. A later run in the
-    same folder overwrites ``last.ckpt`` (no ``-v1`` copies).
+    """ModelCheckpoint that keeps ``last.ckpt``, resumes exactly and guards its folder.
+
+    Without an explicit ``dirpath`` it writes to ``{default_root_dir}/checkpoints`` instead of a
+    logger-dependent folder. A later run in the same folder replaces ``last.ckpt`` (no ``-v1``
+    copies); a concurrent one is refused.
 
     Args:
         monitor: metric selecting the best checkpoint (default "val/loss").
         save_last: keep ``last.ckpt`` (default True).
+        every_n_train_steps: also save every n optimizer steps, so a killed run loses at most
+            that many (default: at epoch ends only).
         (other arguments as in Lightning's ModelCheckpoint)
     """
 
-    def __init__(self, *args, monitor: str | None = "val/loss", save_last: bool | None = True, **kwargs) -> None:
-        kwargs.setdefault("filename", "epoch{epoch:03d}-step{step:06d}")
-        # A new run in the same folder replaces last.ckpt instead of writing last-v1.ckpt beside
-        # an out-of-date last.ckpt.
-        kwargs.setdefault("enable_version_counter", False)
-        kwargs.setdefault("auto_insert_metric_name", False)
-        super().__init__(*args, monitor=monitor, save_last=save_last, **kwargs)
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str | None = "epoch{epoch:03d}-step{step:06d}",
+        monitor: str | None = "val/loss",
+        save_last: bool | None = True,
+        save_top_k: int = 1,
+        mode: str = "min",
+        every_n_train_steps: int | None = None,
+        auto_insert_metric_name: bool = False,
+        enable_version_counter: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        # Explicit defaults (not setdefault): YAML configs instantiate with every parameter given.
+        # enable_version_counter=False: a new run in the same folder replaces last.ckpt instead of
+        # writing last-v1.ckpt beside an out-of-date last.ckpt.
+        super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, save_last=save_last,
+                         save_top_k=save_top_k, mode=mode, every_n_train_steps=every_n_train_steps,
+                         auto_insert_metric_name=auto_insert_metric_name,
+                         enable_version_counter=enable_version_counter, **kwargs)
+        self._lock: Path | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero:
+            self._acquire(Path(self.dirpath))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A run that stops between saves (max_steps mid-epoch, early stopping) still leaves its
+        # final state in last.ckpt.
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and not trainer.sanity_checking and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if self._lock is not None:
+            self._lock.unlink(missing_ok=True)
+            self._lock = None
+
+    def _acquire(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = folder / LOCK_NAME
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    owner = int(lock.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    owner = 0
+                if owner and owner != os.getpid() and _pid_alive(owner):
+                    raise RuntimeError(
+                        f"another probseg run (process {owner}) is writing checkpoints to {folder}; give this run "
+                        "its own --trainer.default_root_dir, or wait for that one to finish"
+                    ) from None
+                lock.unlink(missing_ok=True)  # left by a process that is gone (or by this one)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self._lock = lock
+            return
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rng": rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        rng = state_dict.pop("rng", None)
+        super().load_state_dict(state_dict)
+        if rng is not None:
+            set_rng_state(rng)

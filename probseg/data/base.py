@@ -13,9 +13,52 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 SPLITS = ("train", "val", "test")
+
+
+class EpochSampler(Sampler[int]):
+    """Training order that depends only on (seed, epoch), and that can skip the batches a resumed
+    run already trained on.
+
+    Lightning calls :meth:`set_epoch` at every epoch start; the permutation of epoch e is drawn
+    from a generator seeded by (seed, e), and the loader's own generator (which seeds worker
+    processes) is reseeded the same way, so the data of an epoch is the same whether the run was
+    interrupted or not. Nothing here draws from torch's global RNG.
+
+    Args:
+        size: number of items.
+        seed: base seed.
+        loader_generator: the DataLoader's generator, reseeded per epoch.
+    """
+
+    def __init__(self, size: int, seed: int, loader_generator: torch.Generator | None = None) -> None:
+        self.size, self.seed, self.loader_generator = size, seed, loader_generator
+        self.epoch, self.skip, self.skip_epoch = 0, 0, -1
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.loader_generator is not None:
+            self.loader_generator.manual_seed(self._seed(1))
+
+    def skip_next(self, count: int, epoch: int) -> None:
+        """Leave out the first ``count`` items when ``epoch`` is iterated (resuming mid-epoch); a
+        run that moves on to the next epoch instead (an end-of-epoch checkpoint) skips nothing."""
+        self.skip, self.skip_epoch = count, epoch
+
+    def _seed(self, stream: int) -> int:
+        return (self.seed * 1_000_003 + self.epoch * 2 + stream) % (1 << 63)
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self._seed(0))).tolist()
+        skip = self.skip if self.epoch == self.skip_epoch else 0
+        self.skip = 0
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class ProbSegDataModule(pl.LightningDataModule):
@@ -73,7 +116,26 @@ class ProbSegDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Shuffled per epoch by :class:`EpochSampler`; a run resumed mid-epoch skips the batches it
+        already trained on, so the remaining ones are those of the uninterrupted run."""
+        dataset = self.dataset("train")
+        generator = torch.Generator()
+        sampler = EpochSampler(len(dataset), torch.initial_seed(), generator)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and getattr(trainer, "fit_loop", None) is not None:
+            # Batches of the restored epoch whose training step ran (a checkpoint written in
+            # on_train_batch_end counts its own batch as processed but not yet completed).
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            sampler.skip_next(done * self.batch_size, epoch=trainer.current_epoch)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
@@ -92,6 +154,14 @@ class ProbSegDataModule(pl.LightningDataModule):
             batch = self.augmentation(batch, generator=self._augmentation_generator(batch["image"].device, trainer))
         return batch
 
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the augmentation generator, so a resumed run draws on."""
+        generator = getattr(self, "_aug_generator", None)
+        return {} if generator is None else {"augmentation_rng": generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._aug_rng_to_load = state_dict.get("augmentation_rng")
+
     def _augmentation_generator(self, device: torch.device, trainer: Any) -> torch.Generator:
         """One generator per process, seeded from torch's (Lightning-seeded) initial seed and the
         rank: DDP ranks draw different augmentations instead of repeating each other's."""
@@ -100,6 +170,10 @@ class ProbSegDataModule(pl.LightningDataModule):
             rank = getattr(trainer, "global_rank", 0)
             seed = (torch.initial_seed() + 1_000_003 * (rank + 1)) % (1 << 63)
             generator = self._aug_generator = torch.Generator(device=device).manual_seed(seed)
+            saved = getattr(self, "_aug_rng_to_load", None)
+            if saved is not None:
+                generator.set_state(saved)
+                self._aug_rng_to_load = None
         return generator
 
     def item(self, split: str, index: int) -> dict[str, Any]:

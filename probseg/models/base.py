@@ -160,6 +160,13 @@ class ProbSegModel(pl.LightningModule):
                 f"batch['masks'] holds class ids in [{low}, {high}], outside [0, {self.num_classes - 1}] "
                 f"for num_classes={self.num_classes}"
             )
+        if not image.is_floating_point():
+            raise TypeError(f"batch['image'] must be floating point, got dtype {image.dtype}")
+        finite = torch.isfinite(image.flatten(1)).all(dim=1)
+        if not bool(finite.all()):
+            i = int((~finite).nonzero()[0])
+            name = batch["id"][i] if isinstance(batch.get("id"), (list, tuple)) else f"number {i} of the batch"
+            raise ValueError(f"batch['image'] of image {name} holds NaN or Inf")
         rater_mask = batch.get("rater_mask")
         if rater_mask is not None and (rater_mask.shape != masks.shape[:2] or rater_mask.dtype != torch.bool):
             raise ValueError(
@@ -176,7 +183,10 @@ class ProbSegModel(pl.LightningModule):
             # training RNG, so validation settings never change the training run.
             generator = torch.Generator(device=batch["image"].device).manual_seed(batch_idx)
         terms = self.loss_terms(batch, generator)
-        loss = torch.stack(list(terms.values())).sum()
+        values = torch.stack(list(terms.values()))
+        loss = values.sum()
+        if stage == "train" and not bool(torch.isfinite(values).all()):  # one host sync per step
+            self._stop_on_non_finite(terms, batch)
         on_step = stage == "train"
         logged = {f"{stage}/{name}": value.detach() for name, value in terms.items()}
         rec = [value.detach() for name, value in terms.items() if name.startswith("rec_")]
@@ -187,6 +197,34 @@ class ProbSegModel(pl.LightningModule):
         self.log(f"{stage}/loss", loss.detach(), on_step=on_step, on_epoch=not on_step, prog_bar=True,
                  batch_size=batch_size, sync_dist=not on_step)
         return loss
+
+    def _stop_on_non_finite(self, terms: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
+        """Stop training on a NaN/Inf loss term, naming it, after saving the last good weights.
+
+        The check runs before backward: when the weights are still finite they are the last good
+        state and go to ``{default_root_dir}/checkpoints/non-finite-step<N>.ckpt``; when an update
+        already made them non-finite, nothing is written and ``last.ckpt`` stays the good state.
+        """
+        import os
+
+        bad = {name: float(value.detach()) for name, value in terms.items() if not bool(torch.isfinite(value))}
+        trainer = getattr(self, "_trainer", None)
+        step = trainer.global_step if trainer is not None else -1
+        saved = ""
+        if trainer is not None:
+            folder = os.path.join(trainer.default_root_dir, "checkpoints")
+            if all(bool(torch.isfinite(p).all()) for p in self.parameters()):
+                path = os.path.join(folder, f"non-finite-step{step}.ckpt")
+                trainer.save_checkpoint(path)
+                saved = f"; the last good state is saved to {path}"
+            else:
+                saved = (f"; the weights are already non-finite, so nothing was saved: the last good state is the "
+                         f"latest checkpoint in {folder} (last.ckpt)")
+        ids = batch.get("id")
+        raise FloatingPointError(
+            f"non-finite loss at training step {step}: {', '.join(f'{k} = {v}' for k, v in bad.items())}"
+            + (f" (batch images {list(ids)[:8]})" if ids is not None else "") + saved
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train", batch_idx)
