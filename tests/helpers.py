@@ -47,3 +47,19 @@ class KillAtStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RecordFirstDraw(Callback):
+    """Used from YAML by the DDP test: each rank writes the first value it draws from torch's RNG
+    in training and the ids of its first batch to ``{folder}/rank<r>.txt``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step == 0:
+            import torch
+
+            Path(self.folder).mkdir(parents=True, exist_ok=True)
+            value = float(torch.rand(()))
+            Path(self.folder, f"rank{trainer.global_rank}.txt").write_text(f"{value}\n{','.join(batch['id'])}\n")

@@ -2,6 +2,7 @@
 
 from probseg.callbacks.checkpoint import RunCheckpoint
 from probseg.callbacks.evaluation import EvaluationCallback
+from probseg.callbacks.fast import FastPaths
 from probseg.callbacks.gini import GiniCallback
 from probseg.callbacks.predictions import HypothesisWriter
 from probseg.callbacks.sample_grid import SampleGridCallback
@@ -9,6 +10,7 @@ from probseg.callbacks.summary import FitSummary, csv_metrics_file
 
 __all__ = [
     "EvaluationCallback",
+    "FastPaths",
     "FitSummary",
     "GiniCallback",
     "HypothesisWriter",

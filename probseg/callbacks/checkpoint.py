@@ -153,4 +153,9 @@ class RunCheckpoint(ModelCheckpoint):
         rng = state_dict.pop("rng", None)
         super().load_state_dict(state_dict)
         if rng is not None:
+            # Checkpoints hold rank 0's generators: exact for one process; other ranks then move
+            # to their own streams again.
+            from probseg.distributed import diverge_per_rank
+
             set_rng_state(rng)
+            diverge_per_rank(int(rng["torch"][:8].view(torch.int64)[0]))

@@ -86,6 +86,9 @@ class ProbSegDataModule(pl.LightningDataModule):
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.augmentation = build_augmentation(augmentation)
+        # Taken now, under Lightning's seed and before ranks diverge: every rank must shuffle the
+        # training order alike for the distributed sampler to split it without overlap.
+        self.order_seed = torch.initial_seed()
         self.datasets: dict[str, Dataset] = {}
 
     def make_dataset(self, split: str) -> Dataset:
@@ -120,7 +123,7 @@ class ProbSegDataModule(pl.LightningDataModule):
         already trained on, so the remaining ones are those of the uninterrupted run."""
         dataset = self.dataset("train")
         generator = torch.Generator()
-        sampler = EpochSampler(len(dataset), torch.initial_seed(), generator)
+        sampler = EpochSampler(len(dataset), self.order_seed, generator)
         trainer = getattr(self, "trainer", None)
         if trainer is not None and getattr(trainer, "fit_loop", None) is not None:
             # Batches of the restored epoch whose training step ran (a checkpoint written in
@@ -167,8 +170,9 @@ class ProbSegDataModule(pl.LightningDataModule):
         rank: DDP ranks draw different augmentations instead of repeating each other's."""
         generator = getattr(self, "_aug_generator", None)
         if generator is None or generator.device != device:
-            rank = getattr(trainer, "global_rank", 0)
-            seed = (torch.initial_seed() + 1_000_003 * (rank + 1)) % (1 << 63)
+            from probseg.distributed import rank_seed
+
+            seed = rank_seed(self.order_seed + 1, getattr(trainer, "global_rank", 0))
             generator = self._aug_generator = torch.Generator(device=device).manual_seed(seed)
             saved = getattr(self, "_aug_rng_to_load", None)
             if saved is not None:

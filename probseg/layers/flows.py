@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from probseg.layers.gaussian import full_precision
+
 
 SOFTPLUS_FLOOR = 1e-4
 """delta: u_hat^T w >= -1 + delta, so each step's Jacobian determinant is at least delta."""
@@ -100,8 +102,11 @@ class AmortizedPlanarFlow(nn.Module):
                 f"expected z of shape (B, {self.latent_dim}) or (B, S, {self.latent_dim}) with "
                 f"B={features.shape[0]}, got {tuple(z.shape)}"
             )
-        total = z.new_zeros(z.shape[:2])
-        for u, w, b in self.step_parameters(features):
-            z, log_det = planar_step(z, u, w, b)
-            total = total + log_det
+        # Flow steps and their log-determinants in float32, also under mixed precision.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z, features = full_precision(z), full_precision(features)
+            total = z.new_zeros(z.shape[:2])
+            for u, w, b in self.step_parameters(features):
+                z, log_det = planar_step(z, u, w, b)
+                total = total + log_det
         return (z.squeeze(1), total.squeeze(1)) if single else (z, total)

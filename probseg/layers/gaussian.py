@@ -69,7 +69,10 @@ class GaussianEncoder(nn.Module):
 
     def distribution(self, features: torch.Tensor) -> Independent:
         """Normal with diagonal covariance from pooled features (B, feature_dim)."""
-        mu, raw_log_sigma = self.head(features).chunk(2, dim=-1)
+        # The latent statistics stay float32 under mixed precision: KL terms, log-densities and
+        # the Gini index of sigma are sensitive to bf16's 8-bit mantissa.
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            mu, raw_log_sigma = self.head(full_precision(features)).chunk(2, dim=-1)
         b = self.log_sigma_bound
         log_sigma = b * torch.tanh(raw_log_sigma / b)
         return Independent(Normal(mu, log_sigma.exp()), 1)
@@ -131,6 +134,11 @@ class PosteriorEncoder(GaussianEncoder):
                 f"{self.num_classes} classes: expected (B, H, W) ids or (B, {self.num_classes}, H, W)"
             )
         return mask.to(image.dtype)
+
+
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is in a half precision (float64 stays float64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def sample_set(distribution: Independent, num_samples: int, generator: Generators = None) -> torch.Tensor:

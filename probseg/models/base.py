@@ -226,6 +226,13 @@ class ProbSegModel(pl.LightningModule):
             + (f" (batch images {list(ids)[:8]})" if ids is not None else "") + saved
         )
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            # Same weights on every rank (initialized under one seed), different training draws.
+            from probseg.distributed import diverge_per_rank
+
+            diverge_per_rank(torch.initial_seed())
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train", batch_idx)
 

@@ -50,7 +50,8 @@ def sinkhorn_divergence(
     if x.ndim != 3 or y.ndim != 3 or x.shape[0] != y.shape[0] or x.shape[-1] != y.shape[-1]:
         raise ValueError(f"expected point clouds (B, N, L) and (B, M, L), got {tuple(x.shape)} and {tuple(y.shape)}")
     loss = SamplesLoss("sinkhorn", p=2, blur=blur, diameter=diameter, scaling=scaling, backend="tensorized")
-    return loss(x.float(), y.float())
+    with torch.autocast(device_type=x.device.type, enabled=False):  # float32 under mixed precision too
+        return loss(x.float(), y.float())
 
 
 @register_model("csae")
