@@ -115,6 +115,7 @@ class ProbSegDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),  # faster host-to-GPU copies; pointless on CPU
             drop_last=False,
         )
 
@@ -137,6 +138,7 @@ class ProbSegDataModule(pl.LightningDataModule):
             generator=generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
             drop_last=False,
         )
 
