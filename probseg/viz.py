@@ -1,4 +1,5 @@
-"""Figures: sample grids with pixel-wise mean/std maps, and loss curves from a CSV log.
+"""Figures: sample grids with pixel-wise mean/std maps, loss curves and metric curves (e.g. the Gini
+index over training) from CSV logs, and reliability diagrams for the ECE.
 
 matplotlib is an optional extra (``pip install probseg[viz]``); it is imported on first use, with
 the non-interactive Agg backend so figures render on machines without a display.
@@ -92,11 +93,7 @@ def plot_sample_grid(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def read_metrics_csv(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -128,7 +125,8 @@ def plot_loss_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) ->
     """
     plt = _pyplot()
     series = read_metrics_csv(metrics_csv)
-    names = sorted({k.split("/", 1)[1] for k in series if "/" in k and k.split("/", 1)[0] in ("train", "val")})
+    # Loss terms are what training logs; evaluation metrics and the Gini index have their own plots.
+    names = sorted({k.split("/", 1)[1] for k in series if k.startswith("train/")} - {"gini"})
     if not names:
         raise ValueError(f"{metrics_csv} holds no train/* or val/* series to plot")
     names.sort(key=lambda n: (n != "loss", n))
@@ -146,8 +144,86 @@ def plot_loss_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) ->
             ax.set_yscale("log")
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
+
+
+def plot_metric_curves(
+    runs: dict[str, str | os.PathLike], path: str | os.PathLike, key: str = "train/gini", title: str | None = None
+) -> Path:
+    """One curve per run of a logged metric against the training step, e.g. the Gini index of the
+    prior's singular values over training (the cSAE paper's Figures 3-4).
+
+    Args:
+        runs: label -> the run's CSVLogger ``metrics.csv``.
+        path: PNG to write.
+        key: the logged series.
+        title: figure title (default: the key).
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for label, csv_path in runs.items():
+        series = read_metrics_csv(csv_path)
+        if key not in series:
+            raise ValueError(f"{csv_path} has no {key!r} series (logged: {sorted(series)[:10]} ...)")
+        steps, values = series[key]
+        ax.plot(steps, values, label=label, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key.split("/", 1)[-1])
+    ax.set_title(title or key)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_reliability_diagram(
+    pred: Any, target: Any, path: str | os.PathLike, rater_mask: Any = None, num_bins: int = 15
+) -> Path:
+    """Reliability diagram of hypotheses against the raters' majority vote, pooled over images:
+    accuracy per confidence bin against the diagonal, with the pooled ECE in the title (the
+    convention of :func:`probseg.metrics.functional.expected_calibration_error`).
+
+    Args:
+        pred: (B, S, H, W) foreground or (B, S, K, H, W) class probabilities (torch tensor).
+        target: (B, R, H, W) rater class ids.
+        path: PNG to write.
+        rater_mask: optional (B, R) bool.
+        num_bins: confidence bins.
+
+    Returns:
+        The path written.
+    """
+    from probseg.data.fusion import majority_vote
+    from probseg.metrics.functional import calibration_bins, class_probabilities
+
+    plt = _pyplot()
+    probs = class_probabilities(pred).mean(dim=1)
+    confidence, label = probs.max(dim=1)
+    vote = majority_vote(target, rater_mask, num_classes=probs.shape[1])
+    stats = calibration_bins(confidence.flatten(1), (label == vote).flatten(1), num_bins).sum(0).numpy()
+    count, conf, correct = stats[:, 0], stats[:, 1], stats[:, 2]
+    used = count > 0
+    ece = float(np.abs(correct - conf).sum() / count.sum())
+    edges = np.linspace(0, 1, num_bins + 1)
+    fig, ax = plt.subplots(figsize=(3.6, 3.4))
+    ax.bar(edges[:-1][used], (correct / np.maximum(count, 1))[used], width=1 / num_bins, align="edge",
+           edgecolor="black", linewidth=0.5, label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"ECE (pooled) = {ece:.4f}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,48 @@
+"""Figures: the plot helpers write real PNGs from logs and hypotheses, and fail clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from probseg.viz import plot_loss_curves, plot_metric_curves, plot_reliability_diagram, plot_sample_grid
+
+
+def _csv(path: Path, rows: list[dict]) -> Path:
+    keys = sorted({k for r in rows for k in r})
+    path.write_text(",".join(keys) + "\n" + "\n".join(",".join(str(r.get(k, "")) for k in keys) for r in rows) + "\n")
+    return path
+
+
+def _png(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        return img.size
+
+
+def test_gini_curves_of_several_runs(tmp_path: Path) -> None:
+    runs = {name: _csv(tmp_path / f"{name}.csv", [{"step": s, "train/gini": g * s / 10} for s in range(1, 11)])
+            for name, g in (("punet", 0.5), ("csae", 0.2))}
+    width, height = _png(plot_metric_curves(runs, tmp_path / "gini.png"))
+    assert width > 100 and height > 100
+    with pytest.raises(ValueError, match="has no 'val/ged' series"):
+        plot_metric_curves(runs, tmp_path / "x.png", key="val/ged")
+
+
+def test_loss_curves_plot_loss_terms_only(tmp_path: Path) -> None:
+    rows = [{"step": s, "train/loss": 10 - s, "train/rec_ce": 9 - s, "train/gini": 0.1} for s in range(5)]
+    rows.append({"step": 4, "val/loss": 6.0, "val/hm_iou": 0.3})
+    assert _png(plot_loss_curves(_csv(tmp_path / "m.csv", rows), tmp_path / "loss.png"))[0] > 100
+    with pytest.raises(ValueError, match="no train"):
+        plot_loss_curves(_csv(tmp_path / "v.csv", [{"step": 1, "val/loss": 1.0}]), tmp_path / "none.png")
+
+
+def test_reliability_diagram_and_sample_grid(tmp_path: Path) -> None:
+    probs = torch.rand(2, 4, 16, 16)
+    raters = (torch.rand(2, 3, 16, 16) > 0.5).long()
+    assert _png(plot_reliability_diagram(probs, raters, tmp_path / "rel.png"))[0] > 100
+    image = np.random.rand(1, 16, 16)
+    assert _png(plot_sample_grid(tmp_path / "grid.png", image, probs[0].numpy(), raters[0].numpy()))[0] > 100
