@@ -136,7 +136,8 @@ def main() -> None:
                        "--steps", str(args.steps), "--device", args.device]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
-                print(f"| {model} | {variant} | failed: {done.stderr.strip().splitlines()[-1][:80]} | | | | | |")
+                reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:80]
+                print(f"| {model} | {variant} | failed: {reason} | | | | | |")
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
             eager = r if variant == "eager" else eager

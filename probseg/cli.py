@@ -190,17 +190,20 @@ def build_cli(args: list[str], run: bool = True) -> Any:
 
 
 def _check_model_name(name: str) -> None:
-    """A bare word that is neither a registry name nor a zoo class name is a typo: say so, with
-    the closest registered names (dotted import paths and files are left to Lightning)."""
+    """A bare word close to a registry or zoo class name, but neither, is a typo: say so, with the
+    close names. Anything else (import paths, files, other class names) is left to Lightning."""
     import difflib
 
     from probseg.models import MODELS
 
-    if not name.isidentifier() or name in MODELS or name in {cls.__name__ for cls in MODELS.values()}:
+    names = list(MODELS) + [cls.__name__ for cls in MODELS.values()]
+    if not name.isidentifier() or name in names or Path(name).exists():
         return
-    close = difflib.get_close_matches(name, list(MODELS) + [cls.__name__ for cls in MODELS.values()], n=3)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    print(f"probseg: unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}.{hint}", file=sys.stderr)
+    close = difflib.get_close_matches(name, names, n=3)
+    if not close:
+        return
+    print(f"probseg: unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}. "
+          f"Did you mean {' or '.join(repr(c) for c in close)}?", file=sys.stderr)
     raise SystemExit(2)
 
 

@@ -127,6 +127,7 @@ def plot_loss_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) ->
     series = read_metrics_csv(metrics_csv)
     # Loss terms are what training logs; evaluation metrics and the Gini index have their own plots.
     names = sorted({k.split("/", 1)[1] for k in series if k.startswith("train/")} - {"gini"})
+    names = names or sorted({k.split("/", 1)[1] for k in series if k.startswith("val/")})  # a run too short to log train
     if not names:
         raise ValueError(f"{metrics_csv} holds no train/* or val/* series to plot")
     names.sort(key=lambda n: (n != "loss", n))
@@ -207,7 +208,9 @@ def plot_reliability_diagram(
     from probseg.metrics.functional import calibration_bins, class_probabilities
 
     plt = _pyplot()
-    probs = class_probabilities(pred).mean(dim=1)
+    probs = class_probabilities(pred.detach().cpu()).mean(dim=1)
+    target = target.detach().cpu()
+    rater_mask = None if rater_mask is None else rater_mask.detach().cpu()
     confidence, label = probs.max(dim=1)
     vote = majority_vote(target, rater_mask, num_classes=probs.shape[1])
     stats = calibration_bins(confidence.flatten(1), (label == vote).flatten(1), num_bins).sum(0).numpy()

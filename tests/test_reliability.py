@@ -131,3 +131,36 @@ def test_resuming_from_a_pickle_bomb_checkpoint_runs_no_code(tmp_path: Path) -> 
     with pytest.raises(Exception, match="(?i)weights_only|unpickl|not allowed|unsupported global"):
         main(["test", "--config", str(config), "--wandb", "disabled", "--ckpt_path", str(evil)])
     assert not marker.exists()
+
+
+class _LastCheckpointProbe(pl.Callback):
+    """Records, at each step, the step stored in last.ckpt (runs before the checkpoint callback)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.seen = folder, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        path = self.folder / "last.ckpt"
+        self.seen.append(torch.load(path, weights_only=True)["global_step"] if path.exists() else None)
+
+
+def test_step_interval_saves_happen_before_the_first_validation(tmp_path: Path) -> None:
+    """Lightning would postpone them until val/loss exists; a crash in a long first epoch must
+    still lose at most one interval."""
+    from probseg.callbacks import RunCheckpoint
+
+    probe = _LastCheckpointProbe(tmp_path / "checkpoints")
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=1,
+                         callbacks=[probe, RunCheckpoint(dirpath=str(tmp_path / "checkpoints"), every_n_train_steps=1)])
+    torch.manual_seed(0)
+    trainer.fit(MODELS["punet"](**TINY_ARGS["punet"]), datamodule=SyntheticDataModule(image_size=32, num_train=32, batch_size=4))
+    assert probe.seen == [None, 1, 2, 3], "last.ckpt must follow every step of the first epoch"
+
+
+def test_half_precision_models_still_run() -> None:
+    """Weights in bf16 (``precision: bf16-true``): the float32 guards apply to autocast only."""
+    model = MODELS["planar"](**TINY_ARGS["planar"]).to(torch.bfloat16)
+    batch = {"image": torch.rand(2, 1, 32, 32, dtype=torch.bfloat16), "masks": torch.randint(0, 2, (2, 3, 32, 32))}
+    terms = model.loss_terms(batch)
+    assert all(torch.isfinite(v.float()) for v in terms.values())

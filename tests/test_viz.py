@@ -36,8 +36,10 @@ def test_loss_curves_plot_loss_terms_only(tmp_path: Path) -> None:
     rows = [{"step": s, "train/loss": 10 - s, "train/rec_ce": 9 - s, "train/gini": 0.1} for s in range(5)]
     rows.append({"step": 4, "val/loss": 6.0, "val/hm_iou": 0.3})
     assert _png(plot_loss_curves(_csv(tmp_path / "m.csv", rows), tmp_path / "loss.png"))[0] > 100
+    # A run too short to log a training step still gets its validation curves.
+    assert _png(plot_loss_curves(_csv(tmp_path / "v.csv", [{"step": 1, "val/loss": 1.0}]), tmp_path / "val.png"))[0] > 100
     with pytest.raises(ValueError, match="no train"):
-        plot_loss_curves(_csv(tmp_path / "v.csv", [{"step": 1, "val/loss": 1.0}]), tmp_path / "none.png")
+        plot_loss_curves(_csv(tmp_path / "e.csv", [{"step": 1, "other": 1.0}]), tmp_path / "none.png")
 
 
 def test_reliability_diagram_and_sample_grid(tmp_path: Path) -> None:

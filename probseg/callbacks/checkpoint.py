@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 LOCK_NAME = ".lock"
+RNG_KEY = "probseg_rng"
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,7 +48,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def _python_state(state: tuple) -> list:
@@ -109,15 +111,34 @@ class RunCheckpoint(ModelCheckpoint):
         if stage == "fit" and trainer.is_global_zero:
             self._acquire(Path(self.dirpath))
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Lightning postpones step saves until the monitored metric exists (after the first
+        # validation): last.ckpt is written at every interval regardless, so a crash in a long
+        # first epoch loses at most one interval.
+        every = self._every_n_train_steps
+        if (every >= 1 and self.save_last and trainer.global_step % every == 0
+                and self._last_global_step_saved != trainer.global_step and not self._should_skip_saving_checkpoint(trainer)):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A run that stops between saves (max_steps mid-epoch, early stopping) still leaves its
-        # final state in last.ckpt.
+        # final state in last.ckpt; a fast_dev_run never touches a real run's checkpoints.
+        if trainer.fast_dev_run:
+            return
         super().on_train_end(trainer, pl_module)
         if self.save_last and not trainer.sanity_checking and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
+        self._release()
+
+    def _release(self) -> None:
         if self._lock is not None:
             self._lock.unlink(missing_ok=True)
             self._lock = None
@@ -145,17 +166,17 @@ class RunCheckpoint(ModelCheckpoint):
             self._lock = lock
             return
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng": rng_state()}
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Under a fixed key, so a resume with other checkpoint settings (another state key)
+        # still restores the generators.
+        checkpoint[RNG_KEY] = rng_state()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        rng = state_dict.pop("rng", None)
-        super().load_state_dict(state_dict)
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get(RNG_KEY)
         if rng is not None:
             # Checkpoints hold rank 0's generators: exact for one process; other ranks then move
             # to their own streams again.
             from probseg.distributed import diverge_per_rank
 
             set_rng_state(rng)
-            diverge_per_rank(int(rng["torch"][:8].view(torch.int64)[0]))
+            diverge_per_rank(int(rng["torch"][:8].view(torch.int64)[0]) + trainer.global_step)

@@ -48,7 +48,7 @@ class FitSummary(Callback):
                     from probseg.viz import plot_loss_curves
 
                     lines.append(("loss curves", str(plot_loss_curves(metrics, metrics.parent / "loss_curves.png"))))
-                except ImportError as err:
+                except (ImportError, ValueError) as err:
                     lines.append(("loss curves", f"not written ({err})"))
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger" and logger.save_dir:

@@ -113,6 +113,7 @@ class ProbSegDataModule(pl.LightningDataModule):
             self.dataset(split),
             batch_size=self.batch_size,
             shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.order_seed),  # never the global RNG
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),  # faster host-to-GPU copies; pointless on CPU
@@ -127,10 +128,14 @@ class ProbSegDataModule(pl.LightningDataModule):
         sampler = EpochSampler(len(dataset), self.order_seed, generator)
         trainer = getattr(self, "trainer", None)
         if trainer is not None and getattr(trainer, "fit_loop", None) is not None:
-            # Batches of the restored epoch whose training step ran (a checkpoint written in
-            # on_train_batch_end counts its own batch as processed but not yet completed).
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            sampler.skip_next(done * self.batch_size, epoch=trainer.current_epoch)
+            # Before Lightning iterates (worker processes start prefetching at once).
+            sampler.set_epoch(trainer.current_epoch)
+            if trainer.fit_loop.restarting and trainer.world_size == 1:
+                # Batches of the restored epoch whose training step ran (a checkpoint written in
+                # on_train_batch_end counts its own batch as processed but not yet completed).
+                # Under DDP the sampler is wrapped per rank and the epoch restarts instead.
+                done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+                sampler.skip_next(done * self.batch_size, epoch=trainer.current_epoch)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -177,7 +182,7 @@ class ProbSegDataModule(pl.LightningDataModule):
             seed = rank_seed(self.order_seed + 1, getattr(trainer, "global_rank", 0))
             generator = self._aug_generator = torch.Generator(device=device).manual_seed(seed)
             saved = getattr(self, "_aug_rng_to_load", None)
-            if saved is not None:
+            if saved is not None and getattr(trainer, "global_rank", 0) == 0:  # the saved state is rank 0's
                 generator.set_state(saved)
                 self._aug_rng_to_load = None
         return generator

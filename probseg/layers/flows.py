@@ -103,8 +103,8 @@ class AmortizedPlanarFlow(nn.Module):
                 f"B={features.shape[0]}, got {tuple(z.shape)}"
             )
         # Flow steps and their log-determinants in float32, also under mixed precision.
+        z, features = full_precision(z), full_precision(features)
         with torch.autocast(device_type=z.device.type, enabled=False):
-            z, features = full_precision(z), full_precision(features)
             total = z.new_zeros(z.shape[:2])
             for u, w, b in self.step_parameters(features):
                 z, log_det = planar_step(z, u, w, b)

@@ -71,8 +71,9 @@ class GaussianEncoder(nn.Module):
         """Normal with diagonal covariance from pooled features (B, feature_dim)."""
         # The latent statistics stay float32 under mixed precision: KL terms, log-densities and
         # the Gini index of sigma are sensitive to bf16's 8-bit mantissa.
+        features = full_precision(features)  # (before leaving autocast: it asks whether autocast is on)
         with torch.autocast(device_type=features.device.type, enabled=False):
-            mu, raw_log_sigma = self.head(full_precision(features)).chunk(2, dim=-1)
+            mu, raw_log_sigma = self.head(features).chunk(2, dim=-1)
         b = self.log_sigma_bound
         log_sigma = b * torch.tanh(raw_log_sigma / b)
         return Independent(Normal(mu, log_sigma.exp()), 1)
@@ -137,8 +138,10 @@ class PosteriorEncoder(GaussianEncoder):
 
 
 def full_precision(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32 when it is in a half precision (float64 stays float64)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    """``x`` in float32 when autocast made it half precision (a model whose weights are half
+    precision, e.g. ``bf16-true``, keeps its dtype; float64 stays float64)."""
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    return x.float() if half and torch.is_autocast_enabled(x.device.type) else x
 
 
 def sample_set(distribution: Independent, num_samples: int, generator: Generators = None) -> torch.Tensor:

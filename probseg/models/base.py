@@ -185,8 +185,13 @@ class ProbSegModel(pl.LightningModule):
         terms = self.loss_terms(batch, generator)
         values = torch.stack(list(terms.values()))
         loss = values.sum()
-        if stage == "train" and not bool(torch.isfinite(values).all()):  # one host sync per step
-            self._stop_on_non_finite(terms, batch)
+        if stage == "train":
+            finite = bool(torch.isfinite(values).all())  # one host sync per step
+            trainer = getattr(self, "_trainer", None)
+            if trainer is not None and trainer.world_size > 1:  # every rank stops together, or none
+                finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+            if not finite:
+                self._stop_on_non_finite(terms, batch)
         on_step = stage == "train"
         logged = {f"{stage}/{name}": value.detach() for name, value in terms.items()}
         rec = [value.detach() for name, value in terms.items() if name.startswith("rec_")]
@@ -212,7 +217,8 @@ class ProbSegModel(pl.LightningModule):
         step = trainer.global_step if trainer is not None else -1
         saved = ""
         if trainer is not None:
-            folder = os.path.join(trainer.default_root_dir, "checkpoints")
+            callback = trainer.checkpoint_callback
+            folder = getattr(callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
             if all(bool(torch.isfinite(p).all()) for p in self.parameters()):
                 path = os.path.join(folder, f"non-finite-step{step}.ckpt")
                 trainer.save_checkpoint(path)
