@@ -35,6 +35,8 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import directed_hausdorff
 
 from probseg.metrics.functional import (
+    CE_EPS,
+    KERNELS,
     energy_distance_from_costs,
     generalized_energy_distance,
     matched_cost,
@@ -42,8 +44,6 @@ from probseg.metrics.functional import (
     pairwise_costs,
 )
 
-KERNELS = ("iou", "dice", "hausdorff", "ce")
-EPS = 1e-7
 
 
 def blobs(rng: np.random.Generator, b: int, n: int, size: int, empty: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +107,7 @@ def hausdorff_cost(a: np.ndarray, b: np.ndarray) -> float:
 def ce_cost(p: np.ndarray, t: np.ndarray) -> float:
     if not p.any() and not t.any():
         return 0.0
-    p = np.clip(p, EPS, 1 - EPS)
+    p = np.clip(p, CE_EPS, 1 - CE_EPS)
     return float(-np.mean(t * np.log(p) + (1 - t) * np.log(1 - p)))
 
 

@@ -111,6 +111,15 @@ def read_metrics_csv(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.
     return {k: (np.array([s for s, _ in v]), np.array([x for _, x in v])) for k, v in series.items()}
 
 
+def training_log(run: str | os.PathLike, key: str = "train/gini") -> Path:
+    """The newest ``metrics.csv`` of a run folder that logged ``key`` (``probseg test`` writes its
+    own log version, which holds no training series)."""
+    logs = [p for p in Path(run).glob("logs/version_*/metrics.csv") if key in p.read_text().splitlines()[0].split(",")]
+    if not logs:
+        raise FileNotFoundError(f"no logs/version_*/metrics.csv with {key!r} under {run}")
+    return max(logs, key=os.path.getmtime)
+
+
 def plot_loss_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Plot every logged ``{stage}/{name}`` loss term against the training step.
 

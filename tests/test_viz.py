@@ -48,3 +48,15 @@ def test_reliability_diagram_and_sample_grid(tmp_path: Path) -> None:
     assert _png(plot_reliability_diagram(probs, raters, tmp_path / "rel.png"))[0] > 100
     image = np.random.rand(1, 16, 16)
     assert _png(plot_sample_grid(tmp_path / "grid.png", image, probs[0].numpy(), raters[0].numpy()))[0] > 100
+
+
+def test_training_log_skips_test_runs(tmp_path: Path) -> None:
+    from probseg.viz import training_log
+
+    fit, test = tmp_path / "logs/version_0/metrics.csv", tmp_path / "logs/version_1/metrics.csv"
+    for path, key in ((fit, "train/gini"), (test, "test/ged")):
+        path.parent.mkdir(parents=True)
+        _csv(path, [{"step": 1, key: 0.5}])
+    assert training_log(tmp_path) == fit
+    with pytest.raises(FileNotFoundError, match="'val/x'"):
+        training_log(tmp_path, key="val/x")

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 
 from probseg.metrics import HypothesisMetrics
 from probseg.metrics.base import NO_INDEX
-from probseg.metrics.functional import KERNELS
+from probseg.metrics.functional import KERNELS, check_kernels
 from probseg.results import summarize, write_results
 
 
@@ -99,9 +99,7 @@ class EvaluationCallback(Callback):
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be positive, got {every_n_epochs}")
-        unknown = [k for k in kernels if k not in KERNELS]
-        if unknown:
-            raise ValueError(f"unknown kernels {unknown}; expected a subset of {KERNELS}")
+        check_kernels(kernels)
         self.num_samples = num_samples
         self.kernels = tuple(kernels)
         self.oracle = oracle

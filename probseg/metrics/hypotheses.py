@@ -51,9 +51,7 @@ class HypothesisMetrics(PerImageMetric):
         eps: float = F.CE_EPS,
         **kwargs: Any,
     ) -> None:
-        unknown = [k for k in kernels if k not in F.KERNELS]
-        if unknown:
-            raise ValueError(f"unknown kernels {unknown}; expected a subset of {F.KERNELS}")
+        F.check_kernels(kernels)
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         names = [f"hm_{k}" for k in F.KERNELS if k in kernels] + ["ged", "diversity", "ece", "bdice"]

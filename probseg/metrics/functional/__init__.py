@@ -16,6 +16,7 @@ from probseg.metrics.functional.gini import gini_index
 from probseg.metrics.functional.kernels import (
     CE_EPS,
     KERNELS,
+    check_kernels,
     foreground_windows,
     pairwise_cost,
     pairwise_costs,
@@ -37,6 +38,7 @@ __all__ = [
     "KERNELS",
     "binarized_dice",
     "calibration_bins",
+    "check_kernels",
     "class_probabilities",
     "empirical_wasserstein",
     "energy_distance_from_costs",

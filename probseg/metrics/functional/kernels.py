@@ -40,6 +40,16 @@ from probseg.metrics.functional._checks import (
 KERNELS = ("iou", "dice", "hausdorff", "ce")
 """Names accepted by :func:`pairwise_cost`."""
 
+
+
+def check_kernels(kernels: Sequence[str]) -> tuple[str, ...]:
+    """The kernels, validated against :data:`KERNELS` (an error names the unknown ones)."""
+    unknown = [k for k in kernels if k not in KERNELS]
+    if unknown:
+        raise ValueError(f"unknown kernels {unknown}; expected a subset of {KERNELS}")
+    return tuple(kernels)
+
+
 CE_EPS = 1e-7
 """Default clamp of the probabilities of the ``"ce"`` kernel: a certain mistake costs about
 -log(1e-7) ~ 16.1 nats per pixel instead of infinity. The clamp happens in the input's precision:
@@ -92,9 +102,7 @@ def pairwise_costs(
     Returns:
         ``{kernel: (B, S, R) float32 cost}``.
     """
-    unknown = [k for k in kernels if k not in KERNELS]
-    if unknown:
-        raise ValueError(f"unknown kernels {unknown}; expected a subset of {KERNELS}")
+    check_kernels(kernels)
     costs: dict[str, torch.Tensor] = {}
     if "ce" in kernels:
         if probs is None:
