@@ -16,29 +16,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
-from typing import Callable
 
 import torch
+from _timing import timed
 import torch.nn.functional as F
 
 from probseg.models import ProbUNet
-
-
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` in seconds, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def tiled_combiner(model: ProbUNet, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

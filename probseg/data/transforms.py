@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from kornia.geometry.transform import get_affine_matrix2d, warp_affine
 
+from probseg._config import optional_component
+
 Range = tuple[float, float]
 
 PAPER_RANGES: dict[str, Range] = {
@@ -332,16 +334,5 @@ def build_augmentation(config: bool | Mapping[str, Any] | PaperAugmentation | No
         ValueError: for a dict key that is not a part name, or an invalid range.
         TypeError: for a config of another type.
     """
-    if config is None or config is False:
-        return None
-    if config is True:
-        return PaperAugmentation()
-    if isinstance(config, PaperAugmentation):
-        return config
-    if not isinstance(config, Mapping):
-        raise TypeError(f"augmentation config must be None, a bool or a dict, got {type(config).__name__}: {config!r}")
-    for key in config:
-        if key not in PAPER_RANGES:
-            raise ValueError(f"unknown augmentation option {key!r}; allowed: {sorted(PAPER_RANGES)}")
-    kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in config.items()}
-    return PaperAugmentation(**kwargs)
+    return optional_component(config, PaperAugmentation, "augmentation", PAPER_RANGES,
+                              convert=lambda value: tuple(value) if isinstance(value, list) else value)
