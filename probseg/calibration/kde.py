@@ -1,0 +1,599 @@
+"""Kernel-density (KDE) recalibration of a segmentation network's class probabilities.
+
+The calibrated prediction of a network ``f`` is the conditional expectation of the label given
+the prediction, ``E[y | f(x)]``: by definition it has zero calibration error, and it is what the
+Dice-semimetric paper (Wang et al., Appendix E, "Calibrated Knowledge Distillation") distills
+from a teacher instead of ``f(x)`` itself. It is estimated with the consistent kernel estimator
+of Popordanoska et al. (2022) over the pixels ``x_i`` of a batch:
+
+.. math::
+
+    \\widehat{E}[y \\mid f(x_j)] = \\frac{\\sum_i w_i \\, k(f(x_j), f(x_i)) \\, y_i}
+                                       {\\sum_i w_i \\, k(f(x_j), f(x_i))}
+
+with the Dirichlet kernel (the Beta kernel when K = 2, on the pair (1 - p, p))
+
+.. math::
+
+    k_{Dir}(f_j, f_i) = \\frac{\\Gamma(\\sum_k \\alpha_{ik})}{\\prod_k \\Gamma(\\alpha_{ik})}
+                        \\prod_k f_{jk}^{\\alpha_{ik} - 1}, \\qquad \\alpha_i = f_i / h + 1,
+
+``h > 0`` the bandwidth (the paper's best: 1e-3; larger h = smoother). ``y_i`` is a one-hot
+label or a soft label (K class probabilities, e.g. fused raters).
+
+Cost
+    The paper's O(n^2) full-batch estimator is reduced to O(n * n_key): each batch draws
+    ``n_key`` key points (:func:`sample_key_points`) and every pixel is compared with those only.
+    The log kernel is one matrix product plus a per-key-point constant:
+
+    .. math:: \\log k(f_j, f_i) = \\sum_k (f_{ik}/h) \\log f_{jk}
+              + \\big[\\log\\Gamma(\\textstyle\\sum_k f_{ik}/h + K) - \\sum_k \\log\\Gamma(f_{ik}/h + 1)\\big]
+
+    i.e. (n, K) @ (K, m) plus an (m,) row, and the estimate is
+    ``softmax_i(log k + log w_i) @ y``, evaluated in chunks of rows so that the (n, m) kernel never
+    exceeds 64 MiB (4 MiB on CPU, cache-friendly) at once. Only the pixels being recalibrated
+    (the region, below) are evaluated.
+
+Class-balanced key points and importance weights
+    Labels in segmentation are highly unbalanced, so a uniform sample of key points may miss a
+    class entirely (its estimated probability would then be 0 everywhere). Following the paper,
+    with ``n_unique`` classes present in the batch, ``ceil(n_key / n_unique)`` key points are
+    drawn without replacement from each present class (all its pixels if it has fewer), so up to
+    ``n_key + n_unique - 1`` key points in all.
+
+    Balancing changes the class proportions among the key points, and the unweighted estimator
+    (the paper's) is then biased towards balanced classes: it estimates ``E[y | f]`` under a
+    distribution in which every class is equally frequent, not the data's. For a rare
+    foreground (5 % of the pixels) the estimate at a well-calibrated f = 0.05 is about 0.5.
+    probseg therefore gives each key point of class c the importance weight ``n_c / m_c``
+    (pixels of class c in the batch / key points drawn from class c). Stratified sampling with
+    these weights makes the numerator and denominator unbiased estimates of the full-batch sums
+    (Horvitz-Thompson), so the ratio is a consistent estimate of the full-batch KDE, while
+    keeping every class represented. ``importance_weights=False`` reproduces the paper's
+    unweighted estimator. For a soft label the class used for balancing is its arg-max.
+
+Region
+    The paper recalibrates only misclassified pixels (arg-max f != label) and pixels near a
+    label boundary; the others keep the network's probabilities (:func:`calibration_region`).
+    ``region="all"`` recalibrates every pixel.
+
+Numerics
+    Probabilities are clamped to ``[PROB_FLOOR, 1]`` before the logarithm, PROB_FLOOR being the
+    smallest normal float32 (about 1.18e-38, log = -87.3) for every dtype, so float32 and float64
+    agree and a zero probability gives a finite, very small kernel instead of log 0 = -inf (which
+    would turn an all -inf row into NaN). In the softmax, kernel values below exp(-43.7) ~ 1e-19
+    (float32; exp(-354) in float64) times the row's largest are raised to that floor: underflowing
+    exp and subnormal floats are an order of magnitude slower on CPUs, and the floor moves the
+    estimate by less than m * 1e-19 (relative). The kernel is evaluated in float64 when the input is
+    float64 and in float32 otherwise (float16 / bfloat16 inputs and autocast regions are upcast;
+    autocast is switched off inside), and :func:`kde_calibrate` returns the input's dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from probseg._config import optional_component
+
+PROB_FLOOR = torch.finfo(torch.float32).tiny
+"""Probabilities are clamped to [PROB_FLOOR, 1] before the logarithm (any dtype)."""
+
+REGIONS = ("boundary", "all")
+"""Accepted values of ``region``."""
+
+_CHUNK_BYTES = 64 * 2**20
+"""Upper bound on the bytes of one (rows, m) block of the kernel matrix (accelerators)."""
+
+_CPU_CHUNK_BYTES = 4 * 2**20
+"""The same on CPU, where blocks that stay in cache are about twice as fast as 64 MiB ones."""
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(getattr(x, "shape", ()))
+
+
+def _check_tensor(x: Any, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_bandwidth(bandwidth: Any) -> float:
+    if isinstance(bandwidth, bool) or not isinstance(bandwidth, numbers.Real):
+        hint = " (PyYAML reads 1e-3 as a string: write 1.0e-3)" if isinstance(bandwidth, str) else ""
+        raise ValueError(f"bandwidth must be a positive finite number, got {bandwidth!r}{hint}")  # noqa: TRY004
+    bandwidth = float(bandwidth)
+    if not math.isfinite(bandwidth) or bandwidth <= 0:
+        raise ValueError(f"bandwidth must be a positive finite number, got {bandwidth!r}")
+    return bandwidth
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_region(region: Any) -> str:
+    if region not in REGIONS:
+        raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
+    return region
+
+
+def _check_probabilities(x: Tensor, name: str) -> None:
+    """Floating values in [0, 1] (NaN and Inf rejected)."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating-point probabilities, got dtype {x.dtype}")
+    if x.numel() == 0:
+        return
+    low, high = torch.aminmax(x.detach())
+    if bool(torch.isnan(low) | torch.isnan(high)):
+        raise ValueError(f"{name} holds NaN; probabilities must be finite values in [0, 1]")
+    if low < 0 or high > 1:
+        raise ValueError(f"{name} must lie in [0, 1], found values in [{low.item():.4g}, {high.item():.4g}]")
+
+
+def _check_sums_to_one(x: Tensor, name: str, dim: int) -> None:
+    """Class probabilities along ``dim`` must sum to 1 (tolerance scaled to the dtype)."""
+    if x.numel() == 0:
+        return
+    tol = max(1e-2, 4 * x.shape[dim] * torch.finfo(x.dtype).eps)  # loose: half-precision inputs
+    sums = x.detach().sum(dim=dim, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    worst = float((sums - 1).abs().max())
+    if worst > tol:
+        raise ValueError(f"{name} must sum to 1 over the class axis (dim {dim}); the largest deviation is {worst:.4g}")
+
+
+def _check_class_ids(x: Tensor, num_classes: int, name: str) -> None:
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class ids, got dtype {x.dtype}")
+    if x.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(x))
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"{name} holds class ids in [{low}, {high}], outside [0, {num_classes - 1}]")
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half precision is upcast)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device`` (it would run the kernel matmul in half precision)."""
+    available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))
+    if not available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _kernel_terms(key_probs: Tensor, bandwidth: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(K, m) coefficients alpha - 1 = f_i / h and the (m,) log normaliser of each key point."""
+    coef = key_probs.to(dtype) / bandwidth  # (m, K) = alpha - 1
+    const = torch.lgamma(coef.sum(dim=1) + key_probs.shape[1]) - torch.lgamma(coef + 1).sum(dim=1)
+    return coef.T, const
+
+
+def _log_probs(probs: Tensor, dtype: torch.dtype) -> Tensor:
+    return probs.to(dtype).clamp(PROB_FLOOR, 1).log()
+
+
+def dirichlet_log_kernel(probs: Tensor, key_probs: Tensor, bandwidth: float) -> Tensor:
+    """Log Dirichlet kernel between evaluation points and kernel centres.
+
+    .. math::
+
+        \\log k_{Dir}(f_j; \\alpha_i) = \\log\\Gamma(\\textstyle\\sum_k \\alpha_{ik})
+            - \\sum_k \\log\\Gamma(\\alpha_{ik}) + \\sum_k (\\alpha_{ik} - 1) \\log f_{jk},
+        \\qquad \\alpha_i = f_i / h + 1
+
+    (the log density at ``f_j`` of a Dirichlet(alpha_i)), computed as one (n, K) @ (K, m) matrix
+    product plus an (m,) constant. ``probs`` is clamped to [PROB_FLOOR, 1] before the log.
+
+    Args:
+        probs: (n, K) points f_j at which the densities are evaluated, K >= 2.
+        key_probs: (m, K) kernel centres f_i, in [0, 1].
+        bandwidth: h > 0.
+
+    Returns:
+        (n, m) log kernel values, float64 if an input is float64, else float32.
+    """
+    bandwidth = _check_bandwidth(bandwidth)
+    _check_tensor(probs, "probs")
+    _check_tensor(key_probs, "key_probs")
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        raise ValueError(f"probs must have shape (n, K) with K >= 2, got {_shape(probs)}")
+    if key_probs.ndim != 2 or key_probs.shape[1] != probs.shape[1]:
+        raise ValueError(f"key_probs must have shape (m, K) = (m, {probs.shape[1]}), got {_shape(key_probs)}")
+    _check_probabilities(probs, "probs")
+    _check_probabilities(key_probs, "key_probs")
+    if probs.device != key_probs.device:
+        raise ValueError(f"probs is on {probs.device} and key_probs on {key_probs.device}; use one device")
+    dtype = _compute_dtype(probs, key_probs)
+    with _no_autocast(probs.device):
+        coef, const = _kernel_terms(key_probs, bandwidth, dtype)
+        return torch.addmm(const, _log_probs(probs, dtype), coef)
+
+
+def beta_log_kernel(probs: Tensor, key_probs: Tensor, bandwidth: float) -> Tensor:
+    """Log Beta kernel for binary segmentation: the K = 2 Dirichlet kernel on (1 - p, p).
+
+    .. math::
+
+        \\log k_{Beta}(p_j; \\alpha_i, \\beta_i) = \\log \\frac{\\Gamma(\\alpha_i + \\beta_i)}
+            {\\Gamma(\\alpha_i)\\Gamma(\\beta_i)} + (\\alpha_i - 1) \\log p_j + (\\beta_i - 1) \\log(1 - p_j),
+
+    with alpha_i = p_i / h + 1 and beta_i = (1 - p_i) / h + 1.
+
+    Args:
+        probs: (n,) foreground probabilities p_j at which the densities are evaluated.
+        key_probs: (m,) foreground probabilities p_i of the kernel centres.
+        bandwidth: h > 0.
+
+    Returns:
+        (n, m) log kernel values (see :func:`dirichlet_log_kernel`).
+    """
+    _check_tensor(probs, "probs")
+    _check_tensor(key_probs, "key_probs")
+    if probs.ndim != 1:
+        raise ValueError(f"probs must have shape (n,) (foreground probabilities), got {_shape(probs)}")
+    if key_probs.ndim != 1:
+        raise ValueError(f"key_probs must have shape (m,) (foreground probabilities), got {_shape(key_probs)}")
+    binary = torch.stack([1 - probs, probs], 1)
+    return dirichlet_log_kernel(binary, torch.stack([1 - key_probs, key_probs], 1), bandwidth)
+
+
+# ----------------------------------------------------------------------------- key points
+
+
+def sample_key_points(labels: Tensor, n_key: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Class-balanced key points and their importance weights.
+
+    With ``n_unique`` classes present in ``labels``, ``m_c = min(n_c, ceil(n_key / n_unique))``
+    pixels are drawn without replacement from each present class c (n_c = its pixel count), so
+    ``m = sum_c m_c <= n_key + n_unique - 1``. Classes absent from ``labels`` get none.
+
+    Args:
+        labels: (n,) integer class ids (for soft labels pass their arg-max).
+        n_key: requested number of key points, >= 1.
+        generator: random source; the same seed gives the same indices. When it lives on another
+            device than ``labels`` the permutations are drawn on the generator's device.
+
+    Returns:
+        ``(indices, weights)``: (m,) long indices into ``labels``, grouped by ascending class id,
+        and (m,) float32 importance weights ``n_c / m_c`` (>= 1).
+    """
+    _check_tensor(labels, "labels")
+    if labels.ndim != 1 or labels.numel() == 0:
+        raise ValueError(f"labels must have shape (n,) with n >= 1, got {_shape(labels)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer class ids, got dtype {labels.dtype}")
+    n_key = _check_int(n_key, "n_key", 1)
+    classes, counts = torch.unique(labels, return_counts=True)
+    per_class = math.ceil(n_key / classes.numel())
+    perm_device = generator.device if generator is not None else labels.device
+    indices, weights = [], []
+    for c, n_c in zip(classes.tolist(), counts.tolist(), strict=True):
+        pos = (labels == c).nonzero().squeeze(1)
+        m_c = min(n_c, per_class)
+        if m_c < n_c:
+            pos = pos[torch.randperm(n_c, generator=generator, device=perm_device)[:m_c].to(labels.device)]
+        indices.append(pos)
+        weights.append(torch.full((m_c,), n_c / m_c, dtype=torch.float32, device=labels.device))
+    return torch.cat(indices), torch.cat(weights)
+
+
+# ----------------------------------------------------------------------------- estimator
+
+
+def _rows_per_chunk(m: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows of the (n, m) kernel evaluated at once: at most _CHUNK_BYTES (_CPU_CHUNK_BYTES on CPU)."""
+    budget = min(_CHUNK_BYTES, _CPU_CHUNK_BYTES) if device.type == "cpu" else _CHUNK_BYTES
+    return max(1, budget // (m * torch.finfo(dtype).bits // 8))
+
+
+def kde_estimate(
+    probs: Tensor, key_probs: Tensor, key_labels: Tensor, bandwidth: float, key_weights: Tensor | None = None
+) -> Tensor:
+    """Kernel estimate of E[y | f] at ``probs`` from labelled key points.
+
+    .. math::
+
+        \\widehat{E}[y \\mid f_j] = \\sum_i \\mathrm{softmax}_i\\big(\\log k_{Dir}(f_j, f_i) + \\log w_i\\big) \\, y_i
+
+    which is sum_i w_i k(f_j, f_i) y_i / sum_i w_i k(f_j, f_i), computed in log space (a softmax
+    over the key points) in chunks of rows, each (rows, m) block bounded by 64 MiB (4 MiB on CPU).
+
+    Args:
+        probs: (n, K) class probabilities at which to estimate, K >= 2.
+        key_probs: (m, K) class probabilities of the key points.
+        key_labels: (m, K) one-hot or soft labels of the key points (rows sum to 1), or (m,)
+            integer class ids.
+        bandwidth: h > 0.
+        key_weights: (m,) positive finite weights w_i (e.g. the importance weights of
+            :func:`sample_key_points`); None = all 1.
+
+    Returns:
+        (n, K) estimate, rows sum to 1; float64 if an input is float64, else float32.
+    """
+    bandwidth = _check_bandwidth(bandwidth)
+    for x, name in ((probs, "probs"), (key_probs, "key_probs"), (key_labels, "key_labels")):
+        _check_tensor(x, name)
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        raise ValueError(f"probs must have shape (n, K) with K >= 2, got {_shape(probs)}")
+    n, k = probs.shape
+    if key_probs.ndim != 2 or key_probs.shape[1] != k or key_probs.shape[0] == 0:
+        raise ValueError(f"key_probs must have shape (m, K) = (m, {k}) with m >= 1, got {_shape(key_probs)}")
+    m = key_probs.shape[0]
+    if key_labels.ndim == 1 and not key_labels.is_floating_point():
+        if key_labels.shape[0] != m:
+            raise ValueError(f"key_labels must have shape ({m},) or ({m}, {k}), got {_shape(key_labels)}")
+        _check_class_ids(key_labels, k, "key_labels")
+        key_labels = torch.nn.functional.one_hot(key_labels.long(), k)
+    elif key_labels.shape != (m, k):
+        raise ValueError(
+            f"key_labels must have shape (m, K) = ({m}, {k}) or ({m},) class ids, got {_shape(key_labels)}"
+        )
+    else:
+        _check_probabilities(key_labels, "key_labels")
+        _check_sums_to_one(key_labels, "key_labels", dim=1)
+    _check_probabilities(probs, "probs")
+    _check_probabilities(key_probs, "key_probs")
+    tensors = [probs, key_probs, key_labels]
+    if key_weights is not None:
+        _check_tensor(key_weights, "key_weights")
+        if key_weights.shape != (m,):
+            raise ValueError(f"key_weights must have shape (m,) = ({m},), got {_shape(key_weights)}")
+        if not key_weights.is_floating_point():
+            key_weights = key_weights.double()
+        if not bool(torch.isfinite(key_weights).all() & (key_weights > 0).all()):
+            raise ValueError("key_weights must be positive and finite")
+        tensors.append(key_weights)
+    if any(t.device != probs.device for t in tensors):
+        devices = [str(t.device) for t in tensors]
+        raise ValueError(f"probs, key_probs, key_labels and key_weights must be on one device, got {devices}")
+
+    dtype = _compute_dtype(probs, key_probs)
+    with _no_autocast(probs.device):
+        coef, const = _kernel_terms(key_probs, bandwidth, dtype)
+        if key_weights is not None:
+            const = const + key_weights.to(dtype).log()
+        labels = key_labels.to(dtype)
+        out = torch.empty(n, k, dtype=dtype, device=probs.device)
+        rows = _rows_per_chunk(m, dtype, probs.device)
+        cutoff = 0.5 * math.log(torch.finfo(dtype).tiny)  # -43.7 (float32), -354 (float64)
+        for start in range(0, n, rows):
+            logk = torch.addmm(const, _log_probs(probs[start : start + rows], dtype), coef)  # (rows, m)
+            logk.sub_(logk.amax(dim=1, keepdim=True))  # in place: one (rows, m) buffer
+            # Relative kernel values are floored at exp(cutoff) (1e-19 in float32): underflowing
+            # exp and subnormal floats make the CPU exp and matmul an order of magnitude slower,
+            # and a floor this small moves the estimate by less than m * 1e-19 (relative).
+            kern = logk.clamp_min_(cutoff).exp_()
+            num = kern @ labels  # (rows, K); sum_k num_k = sum_i kern_i as the label rows sum to 1
+            out[start : start + rows] = num / num.sum(dim=1, keepdim=True)  # each entry <= 1 exactly
+    return out
+
+
+# ----------------------------------------------------------------------------- segmentation maps
+
+
+def calibration_region(probs: Tensor, labels: Tensor, boundary_width: int = 1) -> Tensor:
+    """Pixels to recalibrate: misclassified or near a label boundary (the paper's region).
+
+    A pixel is in the region when ``argmax_k probs`` (ties to the lower class id) differs from its
+    label, or when a pixel of another label class lies within ``boundary_width`` pixels
+    (Chebyshev distance, i.e. in the (2w + 1) x (2w + 1) square around it, clipped at the image
+    border). The neighbourhood is computed per image (max-pooling of the one-hot label map), so
+    nothing leaks across the images of a batch. ``boundary_width=0`` keeps only the
+    misclassified pixels.
+
+    Args:
+        probs: (B, K, H, W) class probabilities (or logits: only the arg-max is used).
+        labels: (B, H, W) integer class ids in [0, K).
+        boundary_width: w >= 0.
+
+    Returns:
+        (B, H, W) bool.
+    """
+    _check_tensor(probs, "probs")
+    _check_tensor(labels, "labels")
+    if probs.ndim != 4 or probs.shape[1] < 2:
+        raise ValueError(f"probs must have shape (B, K, H, W) with K >= 2, got {_shape(probs)}")
+    b, k, h, w = probs.shape
+    if labels.shape != (b, h, w):
+        raise ValueError(f"labels must have shape (B, H, W) = {(b, h, w)}, got {_shape(labels)}")
+    boundary_width = _check_int(boundary_width, "boundary_width", 0)
+    _check_class_ids(labels, k, "labels")
+    labels = labels.long()
+    region = probs.detach().argmax(dim=1) != labels
+    if boundary_width > 0:
+        onehot = torch.nn.functional.one_hot(labels, k).movedim(-1, 1).to(torch.float32)
+        size = 2 * boundary_width + 1
+        present = torch.nn.functional.max_pool2d(onehot, size, stride=1, padding=boundary_width)
+        region |= present.sum(dim=1) > 1.5  # another class than the pixel's own in the window
+    return region
+
+
+def kde_calibrate(
+    probs: Tensor,
+    target: Tensor,
+    bandwidth: float = 1e-3,
+    n_key: int = 1024,
+    region: str = "boundary",
+    boundary_width: int = 1,
+    importance_weights: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Replace a segmentation network's probabilities by the KDE estimate of E[y | f] (see the module doc).
+
+    Key points are drawn from the whole batch (all B * H * W pixels, flattened) with
+    :func:`sample_key_points` (class balanced on the target's class ids, the arg-max for soft
+    targets); the pixels of the region are replaced by :func:`kde_estimate`, the others are
+    returned bit-identical. The result is detached (no gradient flows through it).
+
+    Args:
+        probs: (B, K, H, W) class probabilities (sum to 1 over K), K >= 2.
+        target: (B, H, W) integer class ids, or (B, K, H, W) soft labels (sum to 1 over K).
+        bandwidth: h > 0 (the paper's best: 1e-3).
+        n_key: key points per batch, >= 1 (at least one per present class is always drawn).
+        region: ``"boundary"`` (misclassified or within ``boundary_width`` pixels of another
+            label class, :func:`calibration_region`) or ``"all"``.
+        boundary_width: Chebyshev radius of the boundary band, >= 0.
+        importance_weights: weight key points by n_c / m_c (consistent estimate of the
+            full-batch KDE); False = the paper's unweighted estimator.
+        generator: random source for the key points.
+
+    Returns:
+        (B, K, H, W) probabilities, the dtype of ``probs`` (computed in float64 for float64
+        input, else float32).
+    """
+    bandwidth = _check_bandwidth(bandwidth)
+    n_key = _check_int(n_key, "n_key", 1)
+    region = _check_region(region)
+    boundary_width = _check_int(boundary_width, "boundary_width", 0)
+    if not isinstance(importance_weights, bool):
+        raise TypeError(f"importance_weights must be a bool, got {importance_weights!r}")
+    _check_tensor(probs, "probs")
+    _check_tensor(target, "target")
+    if probs.ndim != 4 or probs.shape[1] < 2 or probs.numel() == 0:
+        raise ValueError(f"probs must have shape (B, K, H, W) with K >= 2 and no empty axis, got {_shape(probs)}")
+    b, k, h, w = probs.shape
+    probs = probs.detach()
+    target = target.detach()
+    _check_probabilities(probs, "probs")
+    _check_sums_to_one(probs, "probs", dim=1)
+    if target.device != probs.device:
+        raise ValueError(f"probs is on {probs.device} and target on {target.device}; use one device")
+    dtype = _compute_dtype(probs)
+    if target.shape == (b, h, w):
+        _check_class_ids(target, k, "target")
+        ids = target.long()
+        soft = None
+    elif target.shape == (b, k, h, w):
+        _check_probabilities(target, "target")
+        _check_sums_to_one(target, "target", dim=1)
+        ids = target.argmax(dim=1)
+        soft = target
+    else:
+        raise ValueError(
+            f"target must have shape (B, H, W) = {(b, h, w)} (class ids) or (B, K, H, W) = {(b, k, h, w)} "
+            f"(soft labels), got {_shape(target)}"
+        )
+
+    flat_probs = probs.permute(0, 2, 3, 1).reshape(-1, k)  # (n, K)
+    flat_ids = ids.reshape(-1)
+    key_idx, key_w = sample_key_points(flat_ids, n_key, generator)
+    key_probs = flat_probs[key_idx]
+    if soft is None:
+        key_labels = torch.nn.functional.one_hot(flat_ids[key_idx], k).to(dtype)
+    else:
+        key_labels = soft.permute(0, 2, 3, 1).reshape(-1, k)[key_idx].to(dtype)
+
+    out = probs.clone()
+    out_view = out.permute(0, 2, 3, 1)  # (B, H, W, K), shares storage with out
+    if region == "all":
+        estimate = kde_estimate(flat_probs, key_probs, key_labels, bandwidth, key_w if importance_weights else None)
+        out_view.copy_(estimate.view(b, h, w, k))
+    else:
+        mask = calibration_region(probs, ids, boundary_width)
+        if bool(mask.any()):
+            estimate = kde_estimate(
+                out_view[mask], key_probs, key_labels, bandwidth, key_w if importance_weights else None
+            )
+            out_view[mask] = estimate.to(out.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- configurable object
+
+
+class KDECalibration:
+    """KDE recalibration as a configurable object (for YAML configs / the Lightning CLI).
+
+    ``KDECalibration(bandwidth, n_key, region, boundary_width, importance_weights)(probs, target)``
+    is :func:`kde_calibrate` with those settings; the arguments are validated at construction.
+
+    Args:
+        bandwidth: h > 0 (the paper's best: 1e-3).
+        n_key: key points per batch; must be at least the number of classes
+            (:meth:`check_num_classes`, also checked on every call).
+        region: ``"boundary"`` or ``"all"``.
+        boundary_width: Chebyshev radius of the boundary band, >= 0.
+        importance_weights: n_c / m_c key-point weights (True, consistent) or the paper's
+            unweighted estimator (False).
+    """
+
+    def __init__(
+        self,
+        bandwidth: float = 1e-3,
+        n_key: int = 1024,
+        region: str = "boundary",
+        boundary_width: int = 1,
+        importance_weights: bool = True,
+    ) -> None:
+        self.bandwidth = _check_bandwidth(bandwidth)
+        self.n_key = _check_int(n_key, "n_key", 1)
+        self.region = _check_region(region)
+        self.boundary_width = _check_int(boundary_width, "boundary_width", 0)
+        if not isinstance(importance_weights, bool):
+            raise TypeError(f"importance_weights must be a bool, got {importance_weights!r}")
+        self.importance_weights = importance_weights
+
+    def check_num_classes(self, num_classes: int) -> None:
+        """Raise ValueError when ``n_key`` is smaller than ``num_classes``."""
+        if self.n_key < num_classes:
+            raise ValueError(
+                f"n_key must be at least the number of classes ({num_classes}) so that every class can "
+                f"have a key point, got n_key={self.n_key}"
+            )
+
+    def __call__(self, probs: Tensor, target: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """(B, K, H, W) probabilities and (B, H, W) ids or (B, K, H, W) soft labels -> calibrated (B, K, H, W)."""
+        _check_tensor(probs, "probs")
+        if probs.ndim != 4:
+            raise ValueError(f"probs must have shape (B, K, H, W), got {_shape(probs)}")
+        self.check_num_classes(probs.shape[1])
+        return kde_calibrate(
+            probs,
+            target,
+            bandwidth=self.bandwidth,
+            n_key=self.n_key,
+            region=self.region,
+            boundary_width=self.boundary_width,
+            importance_weights=self.importance_weights,
+            generator=generator,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(bandwidth={self.bandwidth!r}, n_key={self.n_key}, region={self.region!r}, "
+            f"boundary_width={self.boundary_width}, importance_weights={self.importance_weights})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, KDECalibration):
+            return NotImplemented
+        return repr(self) == repr(other)
+
+    __hash__ = None  # mutable attributes
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | bool | None) -> KDECalibration | None:
+        """None / False -> None (no calibration), True -> the defaults, a dict -> ``cls(**config)``.
+
+        Unknown keys raise ValueError listing the valid ones.
+        """
+        options = ("bandwidth", "n_key", "region", "boundary_width", "importance_weights")
+        return optional_component(config, cls, "KDE calibration", options)
