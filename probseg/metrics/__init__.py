@@ -2,9 +2,10 @@
 classes (state and cross-process sync only) here."""
 
 from probseg.metrics.base import PerImageMetric
-from probseg.metrics.hypotheses import METRIC_NAMES, HypothesisMetrics
+from probseg.metrics.hypotheses import METRIC_NAMES, HypothesisMetrics, MeanPredictionMetrics
 from probseg.metrics.segmentation import (
     BinarizedDice,
+    DiceScore,
     EmpiricalWasserstein,
     ExpectedCalibrationError,
     GeneralizedEnergyDistance,
@@ -15,11 +16,13 @@ from probseg.metrics.segmentation import (
 __all__ = [
     "METRIC_NAMES",
     "BinarizedDice",
+    "DiceScore",
     "EmpiricalWasserstein",
     "ExpectedCalibrationError",
     "GeneralizedEnergyDistance",
     "GiniIndex",
     "HypothesisMetrics",
+    "MeanPredictionMetrics",
     "PerImageMetric",
     "SampleDiversity",
 ]

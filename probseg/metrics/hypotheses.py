@@ -2,8 +2,8 @@
 
 :class:`HypothesisMetrics` takes the class probabilities of S hypotheses and the rater masks and
 stores, per image: the Hungarian-matched empirical Wasserstein metric for each kernel
-(``hm_iou``, ``hm_dice``, ``hm_hausdorff``, ``hm_ce``), ``ged``, ``diversity``, ``ece``, ``bdice``
-and, when the prior's sigmas are given, ``gini``. The 1 - IoU distances are computed once and
+(``hm_iou``, ``hm_dice``, ``hm_hausdorff``, ``hm_ce``), ``ged``, ``diversity``, ``ece``, ``dice``,
+``bdice`` and, when the prior's sigmas are given, ``gini``. The 1 - IoU distances are computed once and
 shared by ``hm_iou``, ``ged`` and ``diversity``.
 
 Hypotheses are binarized by arg-max (for K = 2: foreground where p > 0.5). With K > 2 classes
@@ -21,8 +21,45 @@ from probseg.metrics import functional as F
 from probseg.metrics.base import PerImageMetric
 from probseg.metrics.functional._checks import check_probabilities
 
-METRIC_NAMES = ("hm_iou", "hm_dice", "hm_hausdorff", "hm_ce", "ged", "diversity", "ece", "bdice", "gini")
+METRIC_NAMES = ("hm_iou", "hm_dice", "hm_hausdorff", "hm_ce", "ged", "diversity", "ece", "dice", "bdice", "gini")
 """Every name :class:`HypothesisMetrics` can report, in table order."""
+
+
+MEAN_PREDICTION_NAMES = ("ece", "dice", "bdice")
+"""The metrics that only need the pixel-wise mean prediction."""
+
+
+def mean_prediction_values(probs: torch.Tensor, target: torch.Tensor, rater_mask: torch.Tensor | None,
+                           num_bins: int = 15) -> dict[str, torch.Tensor]:
+    """{ece, dice, bdice}: (B,) each, of (B, S, K, H, W) class probabilities against raters."""
+    return {
+        "ece": F.expected_calibration_error(probs, target, rater_mask, num_bins),
+        "dice": F.dice_score(probs, target, rater_mask),
+        "bdice": F.binarized_dice(probs, target, rater_mask),
+    }
+
+
+class MeanPredictionMetrics(PerImageMetric):
+    """ECE, Dice and BDice of a pixel-wise prediction, per image, synced and deduplicated: the
+    metrics that apply to probabilities that are not hypotheses (e.g. a calibrated teacher).
+
+    Args:
+        num_bins: ECE bins.
+        **kwargs: torchmetrics ``Metric`` options.
+    """
+
+    higher_is_better = None
+
+    def __init__(self, num_bins: int = 15, **kwargs: Any) -> None:
+        super().__init__(MEAN_PREDICTION_NAMES, **kwargs)
+        self.num_bins = num_bins
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor, rater_mask: torch.Tensor | None = None,
+               index: torch.Tensor | None = None) -> None:
+        """Add a batch of (B, K, H, W) or (B, S, K, H, W) class probabilities (S is averaged)."""
+        if probs.ndim == 4:
+            probs = probs[:, None]
+        self._store(mean_prediction_values(probs, target, rater_mask, self.num_bins), index)
 
 
 class HypothesisMetrics(PerImageMetric):
@@ -54,7 +91,7 @@ class HypothesisMetrics(PerImageMetric):
         F.check_kernels(kernels)
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-        names = [f"hm_{k}" for k in F.KERNELS if k in kernels] + ["ged", "diversity", "ece", "bdice"]
+        names = [f"hm_{k}" for k in F.KERNELS if k in kernels] + ["ged", "diversity", "ece", "dice", "bdice"]
         super().__init__(tuple(names + (["gini"] if gini else [])), **kwargs)
         self.num_classes = num_classes
         self.kernels = tuple(k for k in F.KERNELS if k in kernels)
@@ -113,8 +150,7 @@ class HypothesisMetrics(PerImageMetric):
         values["ged"] = F.energy_distance_from_costs(iou, within_pred, within_target, rater_mask, self.self_pairs)
         ones = torch.ones(within_pred.shape[:2], dtype=within_pred.dtype, device=within_pred.device)
         values["diversity"] = F.set_mean(within_pred, ones, ones, self.self_pairs)
-        values["ece"] = F.expected_calibration_error(probs, target, rater_mask, self.num_bins)
-        values["bdice"] = F.binarized_dice(probs, target, rater_mask)
+        values.update(mean_prediction_values(probs, target, rater_mask, self.num_bins))
         if "gini" in self.value_names:
             values["gini"] = F.gini_index(sigma)
         self._store(values, index)

@@ -79,6 +79,19 @@ class ExpectedCalibrationError(PerImageMetric):
         self._store({"value": value}, index)
 
 
+class DiceScore(PerImageMetric):
+    """Mean over images of :func:`~probseg.metrics.functional.dice_score`."""
+
+    higher_is_better = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(("value",), **kwargs)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, rater_mask: torch.Tensor | None = None,
+               index: torch.Tensor | None = None) -> None:
+        self._store({"value": F.dice_score(pred, target, rater_mask)}, index)
+
+
 class BinarizedDice(PerImageMetric):
     """Mean over images of :func:`~probseg.metrics.functional.binarized_dice`."""
 

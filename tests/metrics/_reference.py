@@ -190,6 +190,20 @@ def ref_ece(pred: np.ndarray, target: np.ndarray, present=None, num_bins: int = 
     return ece
 
 
+def ref_dice(pred: np.ndarray, target: np.ndarray, present=None) -> float:
+    """Dice of one image: arg-max of the mean prediction vs the majority vote, per foreground
+    class with python set counting (both empty = 1), mean over the foreground classes."""
+    probs = ref_class_probs(pred).mean(axis=0)  # (K, H, W)
+    label = probs.argmax(axis=0)  # numpy: first maximum
+    vote = ref_majority_vote(np.asarray(target), present, probs.shape[0])
+    scores = []
+    for c in range(1, probs.shape[0]):
+        p = {(y, x) for y, x in zip(*np.nonzero(label == c))}
+        g = {(y, x) for y, x in zip(*np.nonzero(vote == c))}
+        scores.append(1.0 if not p and not g else 2 * len(p & g) / (len(p) + len(g)))
+    return float(np.mean(scores))
+
+
 def ref_bdice(pred: np.ndarray, target: np.ndarray, present=None, thresholds=tuple(i / 10 for i in range(1, 10))) -> float:
     """BDice of one image: the rater mean compared with exact fractions, Dice per level (both
     empty = 1), mean over levels, then over foreground classes."""

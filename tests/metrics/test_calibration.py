@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from probseg.data.fusion import majority_vote
-from probseg.metrics.functional import binarized_dice, calibration_bins, expected_calibration_error
-from tests.metrics._reference import mixed_masks, ref_bdice, ref_bin, ref_ece, ref_majority_vote
+from probseg.metrics.functional import binarized_dice, calibration_bins, dice_score, expected_calibration_error
+from tests.metrics._reference import mixed_masks, ref_bdice, ref_bin, ref_dice, ref_ece, ref_majority_vote
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
@@ -294,3 +294,33 @@ def test_fraction_sanity() -> None:
     """The pitfall the exact comparison avoids: 3 of 10 raters, mean in float32, is above 0.3."""
     assert not Fraction(3, 10) > Fraction("0.3")
     assert float(np.float32(3) / np.float32(10)) > 0.3
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_dice_binary_matches_loop(with_mask: bool) -> None:
+    pred, target = _binary_data(7 + with_mask, r=10)
+    present = _present(2, 3, 10) if with_mask else None
+    got = dice_score(torch.as_tensor(pred), torch.as_tensor(target), None if present is None else torch.as_tensor(present))
+    assert got.shape == (3,)
+    for i in range(3):
+        assert got[i].item() == pytest.approx(ref_dice(pred[i], target[i], None if present is None else present[i]), abs=1e-6)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_dice_multiclass_is_mean_over_foreground_classes(k: int) -> None:
+    probs, target = _multi_data(30 + k, k)
+    present = _present(k, 3, 4)
+    got = dice_score(torch.as_tensor(probs), torch.as_tensor(target), torch.as_tensor(present))
+    for i in range(3):
+        assert got[i].item() == pytest.approx(ref_dice(probs[i], target[i], present[i]), abs=1e-6)
+
+
+def test_dice_by_hand_and_empty_conventions() -> None:
+    """Mean prediction {0.8, 0.6, 0.2, 0.4} -> foreground {0, 1}; raters' vote {0, 2} -> 2/4."""
+    pred = torch.tensor([[0.8, 0.6, 0.2, 0.4]], dtype=torch.float64).view(1, 1, 1, 4)
+    target = torch.tensor([[1, 0, 1, 0]]).view(1, 1, 1, 4)
+    assert dice_score(pred, target).item() == pytest.approx(0.5)
+    empty = torch.zeros(2, 1, 3, 3, dtype=torch.float64)
+    raters = torch.zeros(2, 2, 3, 3, dtype=torch.long)
+    raters[1] = 1
+    assert dice_score(empty, raters).tolist() == [1.0, 0.0]

@@ -13,17 +13,20 @@ import torch
 
 from probseg.metrics import (
     BinarizedDice,
+    DiceScore,
     EmpiricalWasserstein,
     ExpectedCalibrationError,
     GeneralizedEnergyDistance,
     GiniIndex,
     HypothesisMetrics,
+    MeanPredictionMetrics,
     SampleDiversity,
 )
 from tests.metrics._reference import (
     mixed_masks,
     perturbed,
     ref_bdice,
+    ref_dice,
     ref_ce,
     ref_cost,
     ref_ece,
@@ -93,6 +96,11 @@ CASES = {
         lambda: ExpectedCalibrationError(num_bins=10),
         lambda ix: (T["prob"][ix], T["target"][ix], T["present"][ix]),
         lambda i: ref_ece(D["prob"][i], D["target"][i], D["present"][i], 10),
+    ),
+    "dice": (
+        lambda: DiceScore(),
+        lambda ix: (T["prob"][ix], T["target"][ix], T["present"][ix]),
+        lambda i: ref_dice(D["prob"][i], D["target"][i], D["present"][i]),
     ),
     "bdice": (
         lambda: BinarizedDice(),
@@ -208,6 +216,7 @@ def _hm_reference(probs: np.ndarray, target: np.ndarray, present: np.ndarray, si
         out.setdefault("ged", []).append(ref_ged(lab, target[i], keep, True, dist))
         out.setdefault("diversity", []).append(ref_within(list(lab), True, dist))
         out.setdefault("ece", []).append(ref_ece(probs[i], target[i], keep, 15))
+        out.setdefault("dice", []).append(ref_dice(probs[i], target[i], keep))
         out.setdefault("bdice", []).append(ref_bdice(probs[i], target[i], keep))
         if sigma is not None:
             out.setdefault("gini", []).append(ref_gini_mad(sigma[i]))
@@ -253,7 +262,7 @@ def test_hypothesis_metrics_kernel_subset_and_no_gini() -> None:
     metric = HypothesisMetrics(num_classes=2, kernels=("hausdorff",), gini=False)
     metric.update(torch.as_tensor(probs), torch.as_tensor(target))
     values, _ = metric.per_image()
-    assert set(values) == {"hm_hausdorff", "ged", "diversity", "ece", "bdice"}
+    assert set(values) == {"hm_hausdorff", "ged", "diversity", "ece", "dice", "bdice"}
     labels = probs.argmax(axis=2)
     ged = [ref_ged(labels[i] == 1, target[i] == 1) for i in range(N)]
     np.testing.assert_allclose(values["ged"].numpy(), ged, atol=TOL)
@@ -296,3 +305,20 @@ def test_hypothesis_metrics_input_errors(kwargs: dict, match: str) -> None:
     }
     with pytest.raises((ValueError, TypeError), match=match):
         HypothesisMetrics().update(args["probs"], args["target"], index=args["index"], sigma=args["sigma"])
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_mean_prediction_metrics_match_references(k: int) -> None:
+    """ECE, Dice and BDice of (B, K, H, W) maps (a calibrated teacher) vs the loop references."""
+    probs, target = _hypotheses(k, seed=20 + k)
+    mean = probs.mean(axis=1)  # (B, K, H, W)
+    present = D["present"]
+    metric = MeanPredictionMetrics(num_bins=15)
+    metric.update(torch.as_tensor(mean), torch.as_tensor(target), torch.as_tensor(present), index=torch.arange(N))
+    values, index = metric.per_image()
+    assert set(values) == {"ece", "dice", "bdice"} and index.tolist() == list(range(N))
+    for i in range(N):
+        one = mean[i][None]  # one hypothesis, the map itself
+        assert values["ece"][i].item() == pytest.approx(ref_ece(one, target[i], present[i], 15), abs=TOL)
+        assert values["dice"][i].item() == pytest.approx(ref_dice(one, target[i], present[i]), abs=TOL)
+        assert values["bdice"][i].item() == pytest.approx(ref_bdice(one, target[i], present[i]), abs=TOL)

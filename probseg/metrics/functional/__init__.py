@@ -10,6 +10,7 @@ from probseg.metrics.functional.calibration import (
     binarized_dice,
     calibration_bins,
     class_probabilities,
+    dice_score,
     expected_calibration_error,
 )
 from probseg.metrics.functional.gini import gini_index
@@ -40,6 +41,7 @@ __all__ = [
     "calibration_bins",
     "check_kernels",
     "class_probabilities",
+    "dice_score",
     "empirical_wasserstein",
     "energy_distance_from_costs",
     "expected_calibration_error",

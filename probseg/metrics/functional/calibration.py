@@ -1,4 +1,4 @@
-"""Calibration and soft-label agreement: expected calibration error and binarized Dice.
+"""Metrics of the mean prediction: expected calibration error, Dice and binarized Dice.
 
 * :func:`expected_calibration_error` (Guo et al. 2017), pixel-wise and top-label: the prediction
   is the mean of the S hypotheses' class probabilities, its confidence the largest class
@@ -9,6 +9,10 @@
   .. math:: \\mathrm{ECE} = \\sum_m \\frac{n_m}{N} \\, |\\mathrm{acc}_m - \\mathrm{conf}_m|
 
   computed per image (N = pixels of the image).
+* :func:`dice_score`: the Dice score of the hard mean prediction (arg-max of the mean of the S
+  hypotheses' class probabilities, ties to the lower class) against the raters' majority vote,
+  one-vs-rest per foreground class 1..K-1 (both empty = 1) and averaged over them: the Dice of
+  a deterministic model's segmentation, as the distillation experiments of Wang et al. report.
 * :func:`binarized_dice` (BDice, QUBIQ's official metric; Wang et al., Sec. 3.3): the mean
   prediction and the raters' mean are both thresholded at 0.1, 0.2, ..., 0.9 (strictly greater
   than the threshold is foreground), Dice is computed at each level (both empty = 1) and
@@ -103,6 +107,31 @@ def expected_calibration_error(
     stats = calibration_bins(confidence.flatten(1), (label == vote).flatten(1), num_bins)
     gap = (stats[..., 2] - stats[..., 1]).abs().sum(dim=1) / confidence[0].numel()
     return gap.to(pred.dtype)
+
+
+def dice_score(pred: torch.Tensor, target: torch.Tensor, rater_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Dice of the arg-max of the mean prediction against the raters' majority vote.
+
+    Args:
+        pred: (B, S, H, W) foreground probabilities, or (B, S, K, H, W) class probabilities.
+        target: (B, R, H, W) integer class ids.
+        rater_mask: (B, R) bool; absent raters do not vote.
+
+    Returns:
+        (B,) Dice per image, in [0, 1], averaged over the foreground classes (both empty = 1).
+    """
+    probs = _check_prediction(pred, target)
+    present = check_rater_mask(rater_mask, target)
+    label = probs.mean(dim=1).movedim(1, -1).contiguous().argmax(dim=-1)  # (B, H, W), ties to the lower class
+    vote = majority_vote(target, present, num_classes=probs.shape[2])
+    wide = accumulation_dtype(probs.device)
+    scores = []
+    for c in range(1, probs.shape[2]):
+        p, g = (label == c).flatten(1), (vote == c).flatten(1)
+        inter = (p & g).sum(dim=1).to(wide)
+        total = (p.sum(dim=1) + g.sum(dim=1)).to(wide)
+        scores.append(torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total)))
+    return torch.stack(scores).mean(dim=0).to(pred.dtype)
 
 
 def binarized_dice(
