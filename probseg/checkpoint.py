@@ -99,4 +99,5 @@ def load_model(
         model.load_state_dict(checkpoint["state_dict"], strict=strict)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: the weights do not fit {cls.__qualname__}: {err}") from None
+    model.on_load_checkpoint(checkpoint)  # as Lightning's load_from_checkpoint does
     return model.to(device).eval()

@@ -1,7 +1,8 @@
-"""Plain ``nn.Module`` building blocks (no Lightning): U-Net, Gaussian encoders, combiner."""
+"""Plain ``nn.Module`` building blocks (no Lightning): U-Net, Gaussian encoders, combiner, flows, dropout."""
 
 from probseg.layers.blocks import DownPath, conv_block
 from probseg.layers.combiner import Combiner
+from probseg.layers.dropout import channel_dropout_masks
 from probseg.layers.flows import AmortizedPlanarFlow, planar_step
 from probseg.layers.gaussian import GaussianEncoder, PosteriorEncoder, PriorEncoder
 from probseg.layers.unet import UNet, check_image
@@ -14,6 +15,7 @@ __all__ = [
     "PosteriorEncoder",
     "PriorEncoder",
     "UNet",
+    "channel_dropout_masks",
     "check_image",
     "conv_block",
     "planar_step",

@@ -6,6 +6,8 @@ and a latent code to logits, so the U-Net runs once per image however many hypot
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,12 +48,25 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x, self.in_channels, self.downsampling)
-        skips = self.down(x)
+        return self.decode(self.down(x))
+
+    def decode(
+        self, skips: list[torch.Tensor], transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The expanding path from the contracting path's features (``self.down(x)``).
+
+        Args:
+            skips: features per level, shallow to deep, as returned by ``self.down``.
+            transform: optional map applied to the input of every up block (the upsampled deeper
+                features concatenated with the skip), e.g. MC dropout.
+        """
+        skips = list(skips)
         x = skips.pop()
         for block in self.up:
             skip = skips.pop()
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = block(torch.cat([x, skip], dim=1))
+            x = torch.cat([x, skip], dim=1)
+            x = block(x if transform is None else transform(x))
         return x
 
 

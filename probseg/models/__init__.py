@@ -5,6 +5,7 @@ from probseg.models.csae import ConditionalSinkhornAutoencoder
 from probseg.models.planar import PlanarProbUNet
 from probseg.models.punet import ProbUNet
 from probseg.models.registry import MODELS, class_path, get_model_class, register_model
+from probseg.models.unet import UNetBaseline
 
 __all__ = [
     "MODELS",
@@ -12,6 +13,7 @@ __all__ = [
     "PlanarProbUNet",
     "ProbSegModel",
     "ProbUNet",
+    "UNetBaseline",
     "class_path",
     "get_model_class",
     "register_model",

@@ -7,16 +7,21 @@ A zoo model implements three things:
 * :meth:`ProbSegModel.loss_terms`: a dict of named, already weighted scalar loss terms; the base
   class sums them into ``loss`` and logs each as ``"{stage}/{name}"``;
 * :meth:`ProbSegModel.sample`: S segmentation hypotheses per image as (B, S, K, H, W) logits.
+
+Knowledge distillation (``teacher`` + ``distillation`` arguments, :mod:`probseg.distillation`)
+is added here for every model: the base class adds the ``kd_*`` terms to the model's terms.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 
 from probseg.data.fusion import FUSIONS, fuse_raters, majority_vote, random_rater
+from probseg.distillation import Distillation
 from probseg.layers.gaussian import Generators
 from probseg.losses.reconstruction import ReconstructionLoss
 
@@ -43,6 +48,11 @@ class ProbSegModel(pl.LightningModule):
         loss_options: options of :class:`probseg.losses.ReconstructionLoss` (``pixel_reduction``,
             and for region losses ``classes``, ``smooth``, ``per_image``, ``alpha``, ``beta``,
             ``gamma``).
+        teacher: path of a zoo checkpoint to distil from (see :mod:`probseg.distillation`);
+            loaded when training starts, so a missing file fails before the first step.
+        distillation: options of the distillation (``weights``, ``kde``, ``teacher_samples``,
+            ``student_samples``, ``label_smoothing``); with a teacher and no options: CE + DML1
+            against the KDE-calibrated teacher. Options without a teacher are refused.
 
     Gradient clipping is a Trainer setting (``trainer.gradient_clip_val``).
     """
@@ -60,6 +70,8 @@ class ProbSegModel(pl.LightningModule):
         label_smoothing: float = 0.1,
         reconstruction: dict[str, float] | None = None,
         loss_options: dict[str, Any] | None = None,
+        teacher: str | None = None,
+        distillation: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if type(self) is ProbSegModel:
@@ -84,6 +96,9 @@ class ProbSegModel(pl.LightningModule):
         self.fusion = fusion
         self.label_smoothing = label_smoothing
         self.reconstruction = ReconstructionLoss(reconstruction, **(loss_options or {}))
+        # A plain object, not a submodule: the teacher stays out of the state dict and optimizer.
+        self.distiller = Distillation.from_config(teacher, distillation, num_classes, in_channels, loss_options)
+        self._predictive: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- what a model implements -------------------------------------------------------------
 
@@ -112,6 +127,56 @@ class ProbSegModel(pl.LightningModule):
             (B, S, K, H, W) logits.
         """
         raise NotImplementedError
+
+    @property
+    def deterministic(self) -> bool:
+        """True when every hypothesis of an image is the same (e.g. a U-Net without dropout)."""
+        return False
+
+    def predictive_log_probabilities(
+        self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None
+    ) -> torch.Tensor:
+        """Log of the pixel-wise predictive probabilities, the mean softmax of ``num_samples``
+        hypotheses (one for a deterministic model), (B, K, H, W), differentiable.
+
+        Within a training step, a model that cached this step's predictions with
+        :meth:`remember_predictive` gets them back instead of running again.
+        """
+        cached, self._predictive = self._predictive, None
+        if cached is not None and cached[0] is images:
+            return cached[1]
+        samples = self.sample(images, 1 if self.deterministic else num_samples, generator)
+        log_probs = samples.float().log_softmax(dim=2)
+        return log_probs[:, 0] if log_probs.shape[1] == 1 else log_probs.logsumexp(dim=1) - math.log(log_probs.shape[1])
+
+    def remember_predictive(self, images: torch.Tensor, log_probs: torch.Tensor) -> None:
+        """Cache this step's predictive log-probabilities of ``images`` (for a deterministic
+        student, the distillation terms then reuse the reconstruction's forward pass)."""
+        self._predictive = (images, log_probs) if self.distiller is not None else None
+
+    def distillation_terms(
+        self, batch: dict[str, Any], generator: torch.Generator | None = None, stage: str = "train"
+    ) -> dict[str, torch.Tensor]:
+        """The ``kd_*`` terms of a batch against the (calibrated) teacher.
+
+        At validation it also logs the teacher's ECE (``val/teacher_ece``) and, with a KDE, the
+        ECE of the distillation target after calibration (and label smoothing, if set) as
+        ``val/teacher_kde_ece``.
+        """
+        assert self.distiller is not None
+        images = batch["image"]
+        raw, target = self.distiller.targets(batch, generator)
+        log_probs = self.predictive_log_probabilities(images, self.distiller.student_samples, generator)
+        if stage == "val":
+            from probseg.metrics.functional import expected_calibration_error
+
+            masks, rater_mask = batch["masks"], batch.get("rater_mask")
+            ece = {f"{stage}/teacher_ece": raw}
+            if self.distiller.kde is not None:
+                ece[f"{stage}/teacher_kde_ece"] = target
+            self.log_dict({k: expected_calibration_error(v[:, None], masks, rater_mask).mean() for k, v in ece.items()},
+                          on_epoch=True, batch_size=images.shape[0], sync_dist=True)
+        return self.distiller.terms(log_probs, target)
 
     def prior_sigmas(self, images: torch.Tensor) -> torch.Tensor | None:
         """Singular values of the prior p(z|x), (B, L), for the Gini index; None for a model
@@ -183,6 +248,9 @@ class ProbSegModel(pl.LightningModule):
             # training RNG, so validation settings never change the training run.
             generator = torch.Generator(device=batch["image"].device).manual_seed(batch_idx)
         terms = self.loss_terms(batch, generator)
+        if self.distiller is not None and stage != "test":  # test reports the model's own loss
+            terms.update(self.distillation_terms(batch, generator, stage))
+        self._predictive = None
         values = torch.stack(list(terms.values()))
         loss = values.sum()
         if stage == "train":
@@ -238,6 +306,8 @@ class ProbSegModel(pl.LightningModule):
             from probseg.distributed import diverge_per_rank
 
             diverge_per_rank(torch.initial_seed())
+            if self.distiller is not None:  # a missing or mismatched teacher fails before step 1
+                self.distiller.teacher_model(self.device)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train", batch_idx)
@@ -273,3 +343,12 @@ class ProbSegModel(pl.LightningModule):
             "class_path": f"{cls.__module__}.{cls.__qualname__}",
             "version": __version__,
         }
+        if self.distiller is not None:  # which teacher file this student learnt from
+            fingerprint = self.distiller.fingerprint or self.distiller.expected_fingerprint
+            if fingerprint:
+                checkpoint[CHECKPOINT_KEY]["teacher_sha256"] = fingerprint
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.distiller is not None:
+            self.distiller.expected_fingerprint = checkpoint.get(CHECKPOINT_KEY, {}).get("teacher_sha256")
+            self.distiller.check_fingerprint()

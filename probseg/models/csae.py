@@ -67,7 +67,7 @@ class ConditionalSinkhornAutoencoder(ProbUNet):
             diameter 100, GeomLoss defaults otherwise: blur 0.05, scaling 0.5).
         sample_through_prior_flow: draw test-time hypotheses through the prior flow instead of
             from the base prior (the paper discards the flows; this is for comparison).
-        (other arguments as in :class:`ProbUNet`)
+        (other arguments, including ``teacher`` and ``distillation``, as in :class:`ProbUNet`)
 
     Loss terms: ``rec_<component>`` (by default ``rec_ce``), ``kl`` (beta-weighted) and
     ``sinkhorn`` (gamma-weighted), batch means.
@@ -96,6 +96,8 @@ class ConditionalSinkhornAutoencoder(ProbUNet):
         lr: float = 1e-4,
         weight_decay: float = 5e-5,
         num_predict_samples: int = 16,
+        teacher: str | None = None,
+        distillation: dict[str, Any] | None = None,
     ) -> None:
         if gamma < 0:
             raise ValueError(f"gamma must be non-negative, got {gamma}")
@@ -107,7 +109,8 @@ class ConditionalSinkhornAutoencoder(ProbUNet):
             )
         super().__init__(in_channels, num_classes, num_filters, convs_per_block, latent_dim, fcomb_layers, beta,
                          fusion=fusion, label_smoothing=label_smoothing,
-                         reconstruction=reconstruction, loss_options=loss_options, lr=lr, weight_decay=weight_decay,
+                         reconstruction=reconstruction, loss_options=loss_options, teacher=teacher,
+                         distillation=distillation, lr=lr, weight_decay=weight_decay,
                          num_predict_samples=num_predict_samples)
         self.save_hyperparameters()
         self.gamma = gamma

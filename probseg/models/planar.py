@@ -56,7 +56,7 @@ class PlanarProbUNet(ProbUNet):
     Args:
         flow_steps: K planar steps on the posterior (the paper: 2).
         kl_samples: M, Monte Carlo samples of the KL estimate.
-        (other arguments as in :class:`ProbUNet`)
+        (other arguments, including ``teacher`` and ``distillation``, as in :class:`ProbUNet`)
 
     Loss terms: ``rec_<component>`` (the reconstruction from the first flowed posterior sample;
     by default ``rec_ce``, cross-entropy summed over pixels, mean over batch) and ``kl``
@@ -81,12 +81,15 @@ class PlanarProbUNet(ProbUNet):
         lr: float = 1e-4,
         weight_decay: float = 5e-5,
         num_predict_samples: int = 16,
+        teacher: str | None = None,
+        distillation: dict[str, Any] | None = None,
     ) -> None:
         if kl_samples < 1:
             raise ValueError(f"kl_samples must be at least 1, got {kl_samples}")
         super().__init__(in_channels, num_classes, num_filters, convs_per_block, latent_dim, fcomb_layers, beta,
                          fusion=fusion, label_smoothing=label_smoothing,
-                         reconstruction=reconstruction, loss_options=loss_options, lr=lr, weight_decay=weight_decay,
+                         reconstruction=reconstruction, loss_options=loss_options, teacher=teacher,
+                         distillation=distillation, lr=lr, weight_decay=weight_decay,
                          num_predict_samples=num_predict_samples)
         self.save_hyperparameters()
         self.kl_samples = kl_samples

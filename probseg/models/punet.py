@@ -40,6 +40,7 @@ class ProbUNet(ProbSegModel):
         beta: weight of the KL term.
         fusion, label_smoothing, reconstruction, loss_options: the training target and the
             reconstruction loss (default: one random rater, cross-entropy); see :class:`ProbSegModel`.
+        teacher, distillation: knowledge distillation (see :mod:`probseg.distillation`).
         lr, weight_decay, num_predict_samples: see :class:`ProbSegModel`.
 
     Loss terms: ``rec_<component>`` (by default ``rec_ce``: cross-entropy, sum over pixels, mean
@@ -62,9 +63,12 @@ class ProbUNet(ProbSegModel):
         lr: float = 1e-4,
         weight_decay: float = 5e-5,
         num_predict_samples: int = 16,
+        teacher: str | None = None,
+        distillation: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(in_channels, num_classes, lr, weight_decay, num_predict_samples, fusion=fusion,
-                         label_smoothing=label_smoothing, reconstruction=reconstruction, loss_options=loss_options)
+                         label_smoothing=label_smoothing, reconstruction=reconstruction, loss_options=loss_options,
+                         teacher=teacher, distillation=distillation)
         self.save_hyperparameters()
         if beta < 0:
             raise ValueError(f"beta must be non-negative, got {beta}")

@@ -21,6 +21,7 @@ TINY_ARGS = {
     "punet": TINY_PUNET,
     "planar": {**TINY_PUNET, "kl_samples": 2},
     "csae": {**TINY_PUNET, "num_ot_samples": 4},
+    "unet": {"num_filters": TINY_PUNET["num_filters"], "convs_per_block": 1, "dropout": 0.2},
 }
 
 
