@@ -1,8 +1,8 @@
 """Results tables: per-run CSV and Markdown written by ``probseg test``, and the paper's Table 1
 layout gathered from several runs (``probseg results``).
 
-A run's ``test_results.csv`` has one row per source (the model, and for data with a known rater
-distribution the ``oracle``), with columns ``model``, ``dataset``, ``source``, ``num_images``,
+A run's ``test_results.csv`` has one row per source (the model; for data with a known rater
+distribution the ``oracle``; for a distilled student its ``teacher`` and ``teacher_kde``), with columns ``model``, ``dataset``, ``source``, ``num_images``,
 ``num_samples`` and ``<metric>_mean`` / ``<metric>_std`` (mean and sample standard deviation
 over images) for every metric of :data:`probseg.metrics.METRIC_NAMES` that was measured.
 """
@@ -50,6 +50,18 @@ def _cell(row: dict, name: str, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {float(std):.{digits}f}"
 
 
+SOURCE_LABELS = {"oracle": "oracle", "teacher": "{model}: teacher", "teacher_kde": "{model}: teacher + KDE"}
+"""Row labels of the sources other than the model itself."""
+
+
+def row_label(row: dict) -> str:
+    """The first cell of a results row: the model, "oracle", or the teacher of a distilled model."""
+    source = row.get("source", "model") or "model"
+    if source == "model":
+        return str(row["model"])
+    return SOURCE_LABELS.get(source, source).format(model=row["model"])
+
+
 def markdown_table(rows: Sequence[dict], metrics: Sequence[str] | None = None, headers: dict[str, str] | None = None) -> str:
     """A Markdown table with one row per result row and "mean ± std" cells."""
     metrics = list(metrics or _metric_names(rows))
@@ -57,7 +69,7 @@ def markdown_table(rows: Sequence[dict], metrics: Sequence[str] | None = None, h
     head = ["model", "dataset", "images"] + [headers.get(m, m) for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * 3 + [" ---: "] * len(metrics)) + "|"]
     for row in rows:
-        label = row["model"] if row.get("source", "model") == "model" else row["source"]
+        label = row_label(row)
         cells = [label, str(row.get("dataset", "")), str(row.get("num_images", ""))]
         lines.append("| " + " | ".join(cells + [_cell(row, m) for m in metrics]) + " |")
     return "\n".join(lines) + "\n"
@@ -138,7 +150,8 @@ def gather(paths: Iterable[str | os.PathLike], table1: bool = True) -> str:
                 oracles.setdefault(row.get("dataset", ""), row)
             else:
                 rows.append(row)
-    rows.sort(key=lambda r: (r.get("dataset", ""), r["model"]))
+    order = {"model": 0, "teacher": 1, "teacher_kde": 2}
+    rows.sort(key=lambda r: (r.get("dataset", ""), r["model"], order.get(r.get("source", "model"), 3)))
     rows += [oracles[d] for d in sorted(oracles)]
     if table1:
         return markdown_table(rows, list(TABLE1_COLUMNS), TABLE1_COLUMNS)

@@ -7,6 +7,7 @@ The maths lives in :mod:`probseg.metrics`; this callback draws the hypotheses, f
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from probseg.metrics import HypothesisMetrics
+from probseg.metrics import HypothesisMetrics, MeanPredictionMetrics
 from probseg.metrics.base import NO_INDEX
 from probseg.metrics.functional import KERNELS, check_kernels
 from probseg.results import summarize, write_results
@@ -68,6 +69,15 @@ class EvaluationCallback(Callback):
     predictions, which a soft predictor can beat). At test end a results table (CSV, Markdown)
     and per-image values are written to ``results_dir``.
 
+    For a student trained by distillation (a model with a ``teacher``), the test also evaluates
+    the teacher: its hypotheses as ``test/teacher_{name}`` (row "teacher"), and its predictive
+    probabilities (the mean of ``num_samples`` hypotheses) after the student's KDE calibration
+    (and label smoothing, if set) as ``test/teacher_kde_{ece,dice,bdice}`` (row "teacher_kde",
+    only with a KDE). The KDE's key points come from each test batch with the raters' mean as
+    labels, as in training, so that row approximates the targets the student was given, fitted
+    in-sample; it is not a held-out calibration result, and unlike the other rows it depends on
+    the batching (the KDE is a per-batch estimate).
+
     Hypotheses of image i are drawn from a generator seeded by (seed, i), i = ``batch["index"]``,
     and each index counts once: the numbers do not depend on batching, on the number of
     processes, or on DDP's padding of uneven splits.
@@ -82,7 +92,12 @@ class EvaluationCallback(Callback):
         num_bins: ECE bins.
         self_pairs: GED and diversity include i = j pairs (published convention).
         results_dir: folder of the test results (default ``{default_root_dir}/results``).
+        teacher: evaluate a distillation student's teacher at test (when its checkpoint is
+            found; a missing one is reported with a warning and its rows are left out).
     """
+
+    SOURCES = {"model": "", "oracle": "oracle_", "teacher": "teacher_", "teacher_kde": "teacher_kde_"}
+    """Result rows and the prefixes of their logged keys."""
 
     def __init__(
         self,
@@ -94,6 +109,7 @@ class EvaluationCallback(Callback):
         num_bins: int = 15,
         self_pairs: bool = True,
         results_dir: str | None = None,
+        teacher: bool = True,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -108,6 +124,8 @@ class EvaluationCallback(Callback):
         self.num_bins = num_bins
         self.self_pairs = self_pairs
         self.results_dir = results_dir
+        self.teacher = teacher
+        self._teacher_stage: dict[str, Any] = {}
         self._metrics: dict[str, HypothesisMetrics] = {}
         self._oracle_split: dict[str, Any] = {}
         self.last_results: list[dict] = []  # rows of the last test's results table
@@ -135,7 +153,7 @@ class EvaluationCallback(Callback):
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         per_image = {source: self._metrics[f"test/{source}"].per_image()
-                     for source in ("model", "oracle") if f"test/{source}" in self._metrics}
+                     for source in self.SOURCES if f"test/{source}" in self._metrics}
         self._log(pl_module, "test")
         if per_image and trainer.is_global_zero:
             self._write(trainer, pl_module, per_image)
@@ -144,9 +162,26 @@ class EvaluationCallback(Callback):
 
     def _start(self, trainer: pl.Trainer, stage: str) -> None:
         # Drop what an interrupted evaluation left behind; decide once whether the oracle applies.
-        for source in ("model", "oracle"):
+        for source in self.SOURCES:
             self._metrics.pop(f"{stage}/{source}", None)
         self._oracle_split[stage] = evaluated_split(trainer, stage) if self.oracle else None
+        self._teacher_stage[stage] = self._find_teacher(trainer.lightning_module) if stage == "test" else None
+
+    def _find_teacher(self, pl_module: pl.LightningModule) -> Any:
+        """The student's distillation when its teacher can be evaluated, else None."""
+        distiller = getattr(pl_module, "distiller", None)
+        if not self.teacher or distiller is None:
+            return None
+        found = True
+        try:
+            distiller.teacher_model(pl_module.device)
+        except FileNotFoundError as err:
+            warnings.warn(f"the teacher is not evaluated: {err}", stacklevel=2)
+            found = False
+        trainer = pl_module.trainer
+        if trainer.world_size > 1:  # every process evaluates the teacher, or none (its metrics gather)
+            found = trainer.strategy.reduce_boolean_decision(found, all=True)
+        return distiller if found else None
 
     def _due(self, trainer: pl.Trainer) -> bool:
         if trainer.sanity_checking:
@@ -160,6 +195,27 @@ class EvaluationCallback(Callback):
                 num_bins=self.num_bins, self_pairs=self.self_pairs,
             ).to(pl_module.device)
         return self._metrics[key]
+
+    def _update_teacher(self, distiller: Any, pl_module: pl.LightningModule, batch: dict[str, Any],
+                        batch_idx: int, stage: str) -> None:
+        images, masks = batch["image"], batch["masks"]
+        rater_mask, index = batch.get("rater_mask"), batch.get("index")
+        index = None if index is None else torch.as_tensor(index)
+        teacher = distiller.teacher_model(images.device)
+        inputs = images.to(next(teacher.parameters()).dtype)
+        logits = teacher.sample(inputs, self.num_samples, generator=draw_generators(batch, self.seed, batch_idx, images.device))
+        probs = logits.float().softmax(dim=2)
+        sigma = teacher.prior_sigmas(inputs)
+        self._metric(f"{stage}/teacher", pl_module, gini=sigma is not None).update(
+            probs, masks, rater_mask, index, None if sigma is None else sigma.float())
+        if distiller.kde is None:
+            return
+        key = f"{stage}/teacher_kde"
+        if key not in self._metrics:
+            self._metrics[key] = MeanPredictionMetrics(num_bins=self.num_bins).to(pl_module.device)
+        generator = torch.Generator(device=images.device).manual_seed((self.seed << 32) + batch_idx)
+        calibrated = distiller.calibrate(probs.mean(dim=1), batch, generator)
+        self._metrics[key].update(calibrated, masks, rater_mask, index)
 
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
@@ -179,26 +235,30 @@ class EvaluationCallback(Callback):
             self._metric(f"{stage}/oracle", pl_module, gini=False).update(
                 probs.permute(0, 1, 4, 2, 3).float(), masks, rater_mask, index
             )
+        distiller = self._teacher_stage.get(stage)
+        if distiller is not None:
+            self._update_teacher(distiller, pl_module, batch, batch_idx, stage)
 
     def _log(self, pl_module: pl.LightningModule, stage: str) -> None:
-        for source in ("model", "oracle"):
+        for source, prefix in self.SOURCES.items():
             metric = self._metrics.pop(f"{stage}/{source}", None)
             if metric is None:
                 continue
-            prefix = f"{stage}/" if source == "model" else f"{stage}/oracle_"
-            values = {f"{prefix}{name}": value.float() for name, value in metric.compute().items()}
+            values = {f"{stage}/{prefix}{name}": value.float() for name, value in metric.compute().items()}
             # Values are already gathered across processes; sync_dist averages identical copies.
             pl_module.log_dict(values, sync_dist=True)
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, per_image: dict[str, Any]) -> None:
         model = getattr(pl_module, "registry_name", "") or type(pl_module).__name__
+        if getattr(pl_module, "distiller", None) is not None:
+            model += "+kd"  # a distilled student is its own row next to the same model without a teacher
         own_data = evaluated_split(trainer, "test") is not None
         common = {"model": model, "dataset": dataset_name(trainer.datamodule) if own_data else "",
                   "num_samples": self.num_samples}
         rows, table = [], {}
         for source, (values, index) in per_image.items():
             rows.append({**common, "source": source, "num_images": int(index.numel()), **summarize(values)})
-            prefix = "" if source == "model" else "oracle_"
+            prefix = self.SOURCES[source]
             for i, idx in enumerate(index.tolist()):
                 key = idx if idx != NO_INDEX else f"position {i}"  # batches without "index"
                 entry = table.setdefault(key, {"index": idx if idx != NO_INDEX else i})
