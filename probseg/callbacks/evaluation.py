@@ -35,6 +35,12 @@ def draw_generators(batch: dict[str, Any], seed: int, batch_idx: int, device: to
     return torch.Generator(device=device).manual_seed((seed << 32) + batch_idx)
 
 
+def batch_index(batch: dict[str, Any]) -> torch.Tensor | None:
+    """The batch's dataset indices as a tensor, or None."""
+    index = batch.get("index")
+    return None if index is None else torch.as_tensor(index)
+
+
 def evaluated_split(trainer: pl.Trainer, stage: str) -> Any:
     """The datamodule's dataset of ``stage`` when the loader being evaluated reads exactly it, else
     None (e.g. ``trainer.test(model, dataloaders=...)`` after a fit on a datamodule: Lightning
@@ -198,16 +204,9 @@ class EvaluationCallback(Callback):
 
     def _update_teacher(self, distiller: Any, pl_module: pl.LightningModule, batch: dict[str, Any],
                         batch_idx: int, stage: str) -> None:
-        images, masks = batch["image"], batch["masks"]
-        rater_mask, index = batch.get("rater_mask"), batch.get("index")
-        index = None if index is None else torch.as_tensor(index)
+        images = batch["image"]
         teacher = distiller.teacher_model(images.device)
-        inputs = images.to(next(teacher.parameters()).dtype)
-        logits = teacher.sample(inputs, self.num_samples, generator=draw_generators(batch, self.seed, batch_idx, images.device))
-        probs = logits.float().softmax(dim=2)
-        sigma = teacher.prior_sigmas(inputs)
-        self._metric(f"{stage}/teacher", pl_module, gini=sigma is not None).update(
-            probs, masks, rater_mask, index, None if sigma is None else sigma.float())
+        probs = self._update_hypotheses(f"{stage}/teacher", teacher, pl_module, batch, batch_idx)
         if distiller.kde is None:
             return
         key = f"{stage}/teacher_kde"
@@ -215,18 +214,26 @@ class EvaluationCallback(Callback):
             self._metrics[key] = MeanPredictionMetrics(num_bins=self.num_bins).to(pl_module.device)
         generator = torch.Generator(device=images.device).manual_seed((self.seed << 32) + batch_idx)
         calibrated = distiller.calibrate(probs.mean(dim=1), batch, generator)
-        self._metrics[key].update(calibrated, masks, rater_mask, index)
+        self._metrics[key].update(calibrated, batch["masks"], batch.get("rater_mask"), batch_index(batch))
+
+    def _update_hypotheses(self, key: str, model: pl.LightningModule, pl_module: pl.LightningModule,
+                           batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Draw ``num_samples`` hypotheses of ``model`` (the evaluated model or its teacher), add
+        them to the metrics under ``key`` and return their (B, S, K, H, W) probabilities."""
+        images = batch["image"]
+        inputs = images.to(next(model.parameters()).dtype)
+        generators = draw_generators(batch, self.seed, batch_idx, images.device)
+        probs = model.sample(inputs, self.num_samples, generator=generators).float().softmax(dim=2)
+        sigma = model.prior_sigmas(inputs)
+        self._metric(key, pl_module, gini=sigma is not None).update(
+            probs, batch["masks"], batch.get("rater_mask"), batch_index(batch), None if sigma is None else sigma.float())
+        return probs
 
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
         images, masks = batch["image"], batch["masks"]
-        rater_mask, index = batch.get("rater_mask"), batch.get("index")
-        index = None if index is None else torch.as_tensor(index)
-        generators = draw_generators(batch, self.seed, batch_idx, images.device)
-        logits = pl_module.sample(images, self.num_samples, generator=generators)
-        sigma = pl_module.prior_sigmas(images)
-        metric = self._metric(f"{stage}/model", pl_module, gini=sigma is not None)
-        metric.update(logits.float().softmax(dim=2), masks, rater_mask, index, None if sigma is None else sigma.float())
+        rater_mask, index = batch.get("rater_mask"), batch_index(batch)
+        self._update_hypotheses(f"{stage}/model", pl_module, pl_module, batch, batch_idx)
         dataset = self._oracle_split.get(stage)
         oracle = getattr(dataset, "sample_oracle", None)
         if oracle is not None and index is not None:

@@ -101,6 +101,27 @@ def one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.f
     return torch.nn.functional.one_hot(labels.long(), num_classes).movedim(-1, -3).to(dtype)
 
 
+def foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dice of two class-id maps, one-vs-rest per foreground class 1..K-1 (a class empty in both
+    scores 1), averaged over those classes.
+
+    Args:
+        a, b: (..., N) integer class ids, broadcastable against each other.
+        num_classes: K.
+        dtype: of the counts and the result.
+
+    Returns:
+        (...) Dice values in [0, 1].
+    """
+    scores = []
+    for c in range(1, num_classes):
+        a_c, b_c = a == c, b == c
+        inter = (a_c & b_c).sum(-1).to(dtype)
+        total = (a_c.sum(-1) + b_c.sum(-1)).to(dtype)
+        scores.append(torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total)))
+    return torch.stack(scores).mean(0)
+
+
 def rater_weights(masks: torch.Tensor, rater_mask: torch.Tensor | None, num_classes: int) -> torch.Tensor:
     """Each rater's Dice against the per-pixel majority vote, normalized over the image's raters.
 
@@ -112,13 +133,7 @@ def rater_weights(masks: torch.Tensor, rater_mask: torch.Tensor | None, num_clas
     """
     present = _present(masks, rater_mask)
     vote = majority_vote(masks, present, num_classes)
-    scores = []
-    for c in range(1, num_classes):
-        rater_c, vote_c = (masks == c).flatten(2).float(), (vote == c).flatten(1).float()[:, None]
-        total = rater_c.sum(-1) + vote_c.sum(-1)
-        inter = (rater_c * vote_c).sum(-1)
-        scores.append(torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total)))
-    dice = torch.stack(scores).mean(0) * present
+    dice = foreground_dice(masks.flatten(2), vote.flatten(1)[:, None], num_classes) * present
     fallback = present.float()
     dice = torch.where(dice.sum(1, keepdim=True) > 0, dice, fallback)
     return dice / dice.sum(1, keepdim=True)

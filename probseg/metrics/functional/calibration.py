@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from probseg.data.fusion import majority_vote
+from probseg.data.fusion import foreground_dice, majority_vote
 from probseg.metrics.functional._checks import accumulation_dtype, check_probabilities, check_rater_mask, check_set
 
 BDICE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -124,14 +124,8 @@ def dice_score(pred: torch.Tensor, target: torch.Tensor, rater_mask: torch.Tenso
     present = check_rater_mask(rater_mask, target)
     label = probs.mean(dim=1).movedim(1, -1).contiguous().argmax(dim=-1)  # (B, H, W), ties to the lower class
     vote = majority_vote(target, present, num_classes=probs.shape[2])
-    wide = accumulation_dtype(probs.device)
-    scores = []
-    for c in range(1, probs.shape[2]):
-        p, g = (label == c).flatten(1), (vote == c).flatten(1)
-        inter = (p & g).sum(dim=1).to(wide)
-        total = (p.sum(dim=1) + g.sum(dim=1)).to(wide)
-        scores.append(torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total)))
-    return torch.stack(scores).mean(dim=0).to(pred.dtype)
+    dice = foreground_dice(label.flatten(1), vote.flatten(1), probs.shape[2], accumulation_dtype(probs.device))
+    return dice.to(pred.dtype)
 
 
 def binarized_dice(
