@@ -20,6 +20,7 @@ from tests.conftest import TINY_PUNET
 REPO = Path(__file__).resolve().parents[1]
 PROBSEG = [str(Path(sys.executable).parent / "probseg")]
 MAX_STEPS = 10  # 4 batches per epoch
+THREADS = 2
 
 
 def _config(root: Path, kill_at: int | None = None, save_every: int = 3) -> Path:
@@ -48,7 +49,9 @@ def _config(root: Path, kill_at: int | None = None, save_every: int = 3) -> Path
 
 
 def _fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Bitwise comparisons between runs hold because every run uses the same kernels in the same
+    # order: same machine and the same thread count, set here for every run (not inherited).
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(THREADS)}
     return subprocess.run(PROBSEG + ["fit", "--config", str(config), "--wandb", "disabled", *extra],
                           capture_output=True, text=True, cwd=config.parent, env=env, timeout=300)
 

@@ -101,7 +101,7 @@ def test_same_seed_same_samples(checkpoint: Path, tmp_path: Path) -> None:
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
         main(["--ckpt", str(checkpoint), "--input", str(paths["npy"]), "--out", str(tmp_path / name), "--seed", seed])
     a, b, c = (np.load(tmp_path / n / "scan.npz")["probabilities"] for n in "abc")
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, b)  # bitwise: one process, the same kernels in the same order
     assert not np.array_equal(a, c)
 
 
@@ -189,6 +189,7 @@ def test_explicit_cpu_device_matches_default(checkpoint: Path, tmp_path: Path) -
         args = ["--ckpt", str(checkpoint), "--input", str(paths["npy"]), "--out", str(tmp_path / name), *extra]
         assert main(args) == 0
     default, cpu, cpu0 = (np.load(tmp_path / n / "scan.npz")["probabilities"] for n in ("default", "cpu", "cpu0"))
+    # bitwise: one process, the same CPU kernels in the same order for all three
     np.testing.assert_array_equal(default, cpu)
     np.testing.assert_array_equal(default, cpu0)
 

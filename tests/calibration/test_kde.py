@@ -27,6 +27,8 @@ from probseg.calibration import (
     sample_key_points,
 )
 
+from tests.tolerances import gamma, unit_roundoff
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -81,6 +83,28 @@ def _multiclass(seed: int, b: int = 2, k: int = 3, h: int = 10, w: int = 12, dty
     labels = torch.nn.functional.interpolate(coarse, size=(h, w), mode="nearest")[:, 0].long()
     logits = 2 * torch.nn.functional.one_hot(labels, k).movedim(-1, 1) + torch.randn(b, k, h, w, generator=g)
     return logits.to(dtype).softmax(dim=1), labels
+
+
+def _estimate_rounding_bound(probs: torch.Tensor, bandwidth: float, n_key: int, max_weight: float,
+                             dtype: torch.dtype) -> float:
+    """Bound on how far two evaluation orders of :func:`kde_estimate` (chunked or whole, any CPU
+    matmul) can differ, from the rounding of ``dtype``.
+
+    Each log kernel value is ``const_i + sum_k log f_jk (alpha_ik - 1)``: K + 1 terms whose
+    absolute values add to at most S = lgamma(1/h + K) + 0.13 K + log(max weight) + max|log f| / h
+    (|lgamma| >= -0.13 on [1, inf), and the alpha_ik - 1 = key_ik / h add to 1 / h). It is off by
+    delta <= gamma_{K+1} S. Subtracting the row maximum doubles that and rounds once more (u 2S);
+    exp rounds (2u); the numerator and denominator sum n_key positive terms (gamma_{n_key}) and
+    the division rounds (u). The estimate is <= 1, so its absolute error is at most the relative
+    error, and two paths differ by at most twice one path's error.
+    """
+    u = unit_roundoff(dtype)
+    k = probs.shape[1]
+    floor = torch.finfo(torch.float32).tiny  # the estimator's log floor (PROB_FLOOR)
+    max_log = float(probs.double().clamp_min(floor).log().abs().max())
+    scale = math.lgamma(1 / bandwidth + k) + 0.13 * k + math.log(max_weight) + max_log / bandwidth
+    weight_error = 2 * gamma(k + 1, dtype) * scale + 2 * u * scale + 2 * u
+    return 2 * (2 * (weight_error + gamma(n_key, dtype)) + u)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -168,16 +192,23 @@ def test_kde_estimate_matches_a_loop_of_the_formula(weighted: bool, h: float, so
         torch.testing.assert_close(by_ids, ours)
 
 
-def test_kde_estimate_chunks_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kde_estimate_chunks_rows(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """Three rows per chunk against one block: equal within the dtype's rounding bound (the
+    matmuls differ in shape, so the CPU orders their sums differently); in float64 the bound is
+    below 1e-11, tight enough to catch any row mix-up between chunks."""
     g = _gen(3)
     x, keys = torch.rand(50, 3, generator=g).softmax(1), torch.rand(40, 3, generator=g).softmax(1)
     labels = torch.randint(0, 3, (40,), generator=g)
     weights = torch.rand(40, generator=g) + 0.5
+    x, keys, weights = x.to(dtype), keys.to(dtype), weights.to(dtype)
     whole = kde_estimate(x, keys, labels, 0.05, weights)
-    assert kde_module._rows_per_chunk(40, torch.float32, torch.device("cpu")) >= 50  # one chunk above
-    monkeypatch.setattr(kde_module, "_CPU_CHUNK_BYTES", 3 * 40 * 4)  # three rows per chunk
-    assert kde_module._rows_per_chunk(40, torch.float32, torch.device("cpu")) == 3
-    torch.testing.assert_close(kde_estimate(x, keys, labels, 0.05, weights), whole, rtol=1e-6, atol=1e-7)
+    assert kde_module._rows_per_chunk(40, dtype, torch.device("cpu")) >= 50  # one chunk above
+    monkeypatch.setattr(kde_module, "_CPU_CHUNK_BYTES", 3 * 40 * torch.finfo(dtype).bits // 8)
+    assert kde_module._rows_per_chunk(40, dtype, torch.device("cpu")) == 3
+    tol = _estimate_rounding_bound(x, 0.05, 40, float(weights.max()), dtype)
+    assert tol < (1e-11 if dtype == torch.float64 else 1e-2)
+    torch.testing.assert_close(kde_estimate(x, keys, labels, 0.05, weights), whole, rtol=0, atol=tol)
 
 
 def test_chunk_size_is_bounded() -> None:
@@ -307,7 +338,11 @@ def test_region_does_not_leak_across_images() -> None:
 def _check_probability_map(out: torch.Tensor, like: torch.Tensor) -> None:
     assert out.shape == like.shape and out.dtype == like.dtype
     assert bool((out >= 0).all()) and bool((out <= 1).all())
-    torch.testing.assert_close(out.double().sum(1), torch.ones_like(out[:, 0], dtype=torch.float64))
+    # each entry is num_k / sum(num), one rounding of the dtype each: the K entries add to 1
+    # within K roundings of the dtype (plus the rounding of the denominator's sum)
+    k = out.shape[1]
+    tol = 2 * gamma(k, out.dtype)
+    torch.testing.assert_close(out.double().sum(1), torch.ones_like(out[:, 0], dtype=torch.float64), rtol=0, atol=tol)
 
 
 def test_region_all_changes_every_pixel_and_boundary_keeps_the_rest() -> None:
@@ -368,14 +403,21 @@ def test_dtypes_float64_half_and_autocast() -> None:
     assert torch.equal(auto, ref)
 
 
-def test_chunking_gives_the_same_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
-    probs, labels = _multiclass(9, b=2, k=3, h=16, w=16)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunking_gives_the_same_calibration(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """Chunks of ~7 rows against one block. The matmuls differ in shape, so the CPU blocks their
+    sums differently: the two agree within the rounding bound of the dtype, not bitwise. In
+    float64 the bound is below 1e-11, so a chunk boundary that mixed up rows would show."""
+    probs, labels = _multiclass(9, b=2, k=3, h=16, w=16, dtype=dtype)
     whole = kde_calibrate(probs, labels, 0.01, 100, region="all", generator=_gen(0))
-    monkeypatch.setattr(kde_module, "_CPU_CHUNK_BYTES", 7 * 102 * 4)  # ~7 rows of the kernel at a time
-    monkeypatch.setattr(kde_module, "_CHUNK_BYTES", 7 * 102 * 4)
-    torch.testing.assert_close(
-        kde_calibrate(probs, labels, 0.01, 100, region="all", generator=_gen(0)), whole, rtol=1e-6, atol=1e-7
-    )
+    monkeypatch.setattr(kde_module, "_CPU_CHUNK_BYTES", 7 * 102 * 8)  # ~7 rows of the kernel at a time
+    monkeypatch.setattr(kde_module, "_CHUNK_BYTES", 7 * 102 * 8)
+    assert kde_module._rows_per_chunk(100, dtype, torch.device("cpu")) < 16
+    chunked = kde_calibrate(probs, labels, 0.01, 100, region="all", generator=_gen(0))
+    # the largest importance weight is n_c / m_c <= the pixel count
+    tol = _estimate_rounding_bound(probs.movedim(1, -1).reshape(-1, 3), 0.01, 100, labels.numel(), dtype)
+    assert tol < (1e-11 if dtype == torch.float64 else 1e-2)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=tol)
 
 
 def test_inputs_that_require_grad_are_detached() -> None:
