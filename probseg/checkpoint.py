@@ -8,6 +8,7 @@ could run code is refused instead of executed.
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 from pathlib import Path
@@ -91,6 +92,10 @@ def load_model(
             "@register_model or pass model_class= to load_model"
         )
     hparams = {k: v for k, v in dict(checkpoint.get("hyper_parameters", {})).items() if not k.startswith("_")}
+    # Options added after a checkpoint was written default to what it was trained with.
+    accepted = inspect.signature(cls).parameters
+    legacy = {k: v for k, v in getattr(cls, "LEGACY_DEFAULTS", {}).items() if k in accepted}
+    hparams = {**legacy, **hparams}
     try:
         model = cls(**hparams)
     except TypeError as err:

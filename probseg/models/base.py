@@ -29,6 +29,17 @@ CHECKPOINT_KEY = "probseg"
 """Key of the metadata dict a zoo checkpoint carries (model name, class path, version)."""
 
 
+class LossTerms(dict):
+    """The named, weighted scalar loss terms of a batch (a dict: the training loss is their sum),
+    plus ``diagnostics``: scalars that are logged as ``"{stage}/{name}"`` but not added to the loss
+    (e.g. the KL per latent dimension, the current KL weight)."""
+
+    def __init__(self, terms: dict[str, torch.Tensor] | None = None,
+                 diagnostics: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__(terms or {})
+        self.diagnostics: dict[str, torch.Tensor] = dict(diagnostics or {})
+
+
 class ProbSegModel(pl.LightningModule):
     """Shared training plumbing for probabilistic segmentation models.
 
@@ -103,7 +114,8 @@ class ProbSegModel(pl.LightningModule):
     # --- what a model implements -------------------------------------------------------------
 
     def loss_terms(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Named, weighted scalar loss terms of a batch; their sum is the training loss.
+        """Named, weighted scalar loss terms of a batch; their sum is the training loss. A model
+        may return :class:`LossTerms` to log diagnostics next to them.
 
         Args:
             batch: a batch dict (see :mod:`probseg.data.base`).
@@ -262,6 +274,7 @@ class ProbSegModel(pl.LightningModule):
                 self._stop_on_non_finite(terms, batch)
         on_step = stage == "train"
         logged = {f"{stage}/{name}": value.detach() for name, value in terms.items()}
+        logged.update({f"{stage}/{name}": value.detach() for name, value in getattr(terms, "diagnostics", {}).items()})
         rec = [value.detach() for name, value in terms.items() if name.startswith("rec_")]
         if rec:  # the whole reconstruction term, next to its components
             logged[f"{stage}/rec"] = torch.stack(rec).sum()

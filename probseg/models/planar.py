@@ -49,6 +49,22 @@ def monte_carlo_kl(
     return (log_q0 - log_det - log_p).mean(1)
 
 
+def monte_carlo_kl_per_dim(
+    base: Independent, z0: torch.Tensor, log_det: torch.Tensor, z_k: torch.Tensor, prior: Independent
+) -> torch.Tensor:
+    """The estimate of :func:`monte_carlo_kl` shared out over the L latent dimensions, (B, L).
+
+    A convention, not the KL of any one dimension: log q0(z0_d) and log p(zK_d) are the
+    axis-aligned densities' own terms, but a planar step mixes the dimensions, so its log|det J|
+    is shared out evenly (log_det / L each). The rows sum to :func:`monte_carlo_kl`. Used for the
+    per-dimension diagnostics and the free-bits floor; with few Monte Carlo samples an entry can
+    be negative, and the floor then acts on a noisy estimate.
+    """
+    log_q0 = base.base_dist.log_prob(z0.transpose(0, 1)).transpose(0, 1)  # (B, M, L)
+    log_p = prior.base_dist.log_prob(z_k.transpose(0, 1)).transpose(0, 1)
+    return (log_q0 - log_det.unsqueeze(-1) / z0.shape[-1] - log_p).mean(1)
+
+
 @register_model("planar")
 class PlanarProbUNet(ProbUNet):
     """2p-planar (registry name ``"planar"``): PU-Net whose posterior is a K-step planar flow.
@@ -56,6 +72,8 @@ class PlanarProbUNet(ProbUNet):
     Args:
         flow_steps: K planar steps on the posterior (the paper: 2).
         kl_samples: M, Monte Carlo samples of the KL estimate.
+        kl_warmup_steps, free_bits: posterior-collapse remedies, as in :class:`ProbUNet` (free
+            bits floor :func:`monte_carlo_kl_per_dim`).
         (other arguments, including ``teacher`` and ``distillation``, as in :class:`ProbUNet`)
 
     Loss terms: ``rec_<component>`` (the reconstruction from the first flowed posterior sample;
@@ -74,6 +92,8 @@ class PlanarProbUNet(ProbUNet):
         beta: float = 1.0,
         flow_steps: int = 2,
         kl_samples: int = 1,
+        kl_warmup_steps: int = 0,
+        free_bits: float = 0.0,
         fusion: str = "random",
         label_smoothing: float = 0.1,
         reconstruction: dict[str, float] | None = None,
@@ -87,6 +107,7 @@ class PlanarProbUNet(ProbUNet):
         if kl_samples < 1:
             raise ValueError(f"kl_samples must be at least 1, got {kl_samples}")
         super().__init__(in_channels, num_classes, num_filters, convs_per_block, latent_dim, fcomb_layers, beta,
+                         kl_warmup_steps=kl_warmup_steps, free_bits=free_bits,
                          fusion=fusion, label_smoothing=label_smoothing,
                          reconstruction=reconstruction, loss_options=loss_options, teacher=teacher,
                          distillation=distillation, lr=lr, weight_decay=weight_decay,
@@ -102,5 +123,6 @@ class PlanarProbUNet(ProbUNet):
         z0 = sample_set(base, self.kl_samples, generator)  # (B, M, L)
         z_k, log_det = self.posterior_flow(q_features, z0)
         logits = self.fcomb(features, z_k[:, 0])
-        kl = monte_carlo_kl(base, z0, log_det, z_k, prior).mean()
-        return {**self.reconstruction_terms(logits, target), "kl": self.beta * kl}
+        kl = self.kl_terms(monte_carlo_kl(base, z0, log_det, z_k, prior),
+                           monte_carlo_kl_per_dim(base, z0, log_det, z_k, prior))
+        return self.combine_terms(self.reconstruction_terms(logits, target), kl)

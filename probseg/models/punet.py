@@ -11,6 +11,23 @@ that tiles z over the U-Net's last feature map. Training maximizes the ELBO
 
 with the cross-entropy summed over pixels and both terms averaged over the batch, and the KL in
 closed form. Hypotheses at test time decode z ~ p(z|x); the U-Net runs once per image.
+
+Two optional remedies against posterior collapse (off by default), shared by every latent model
+of the zoo (2p-planar and cSAE inherit them):
+
+* KL warm-up (Bowman et al. 2016, "Generating Sentences from a Continuous Space"): the KL weight
+  grows linearly from 0 to beta over the first ``kl_warmup_steps`` training steps;
+* free bits (Kingma et al. 2016, "Improved Variational Inference with Inverse Autoregressive
+  Flow", eq. 15): the KL term becomes
+
+  .. math::
+      \\beta \\sum_{d=1}^{L} \\max\\big(\\lambda, \\tfrac{1}{B} \\textstyle\\sum_b \\mathrm{KL}_{b,d}\\big)
+
+  so a latent dimension whose batch-mean KL is below lambda nats gets no gradient pulling it onto
+  the prior.
+
+The KL per latent dimension (batch mean, unweighted) is logged as ``kl_dim<d>``, so collapse
+(every dimension near 0) is visible on the dashboard next to the total.
 """
 
 from __future__ import annotations
@@ -22,7 +39,7 @@ from torch.distributions import Independent, kl_divergence
 
 from probseg.layers import Combiner, PosteriorEncoder, PriorEncoder, UNet
 from probseg.layers.gaussian import Generators, sample_set
-from probseg.models.base import ProbSegModel
+from probseg.models.base import LossTerms, ProbSegModel
 from probseg.models.registry import register_model
 
 
@@ -38,13 +55,19 @@ class ProbUNet(ProbSegModel):
         latent_dim: L (Kohl et al. and the cSAE paper: 6).
         fcomb_layers: 1x1 convolutions of the combiner (Kohl et al.: 4).
         beta: weight of the KL term.
+        kl_warmup_steps: anneal the KL weight linearly from 0 to ``beta`` over this many training
+            steps (0: no warm-up). Validation and test always use ``beta``.
+        free_bits: lambda, a floor in nats on the batch-mean KL of each latent dimension
+            (0: off); see the module docstring.
         fusion, label_smoothing, reconstruction, loss_options: the training target and the
             reconstruction loss (default: one random rater, cross-entropy); see :class:`ProbSegModel`.
         teacher, distillation: knowledge distillation (see :mod:`probseg.distillation`).
         lr, weight_decay, num_predict_samples: see :class:`ProbSegModel`.
 
     Loss terms: ``rec_<component>`` (by default ``rec_ce``: cross-entropy, sum over pixels, mean
-    over batch) and ``kl`` (beta * analytic KL(q || p), mean over batch).
+    over batch) and ``kl`` (beta * analytic KL(q || p), mean over batch). Diagnostics:
+    ``kl_dim<d>`` (unweighted KL per latent dimension, batch mean) and, with a warm-up,
+    ``kl_weight``.
     """
 
     def __init__(
@@ -56,6 +79,8 @@ class ProbUNet(ProbSegModel):
         latent_dim: int = 6,
         fcomb_layers: int = 4,
         beta: float = 1.0,
+        kl_warmup_steps: int = 0,
+        free_bits: float = 0.0,
         fusion: str = "random",
         label_smoothing: float = 0.1,
         reconstruction: dict[str, float] | None = None,
@@ -72,8 +97,14 @@ class ProbUNet(ProbSegModel):
         self.save_hyperparameters()
         if beta < 0:
             raise ValueError(f"beta must be non-negative, got {beta}")
+        if kl_warmup_steps < 0:
+            raise ValueError(f"kl_warmup_steps must be non-negative, got {kl_warmup_steps}")
+        if free_bits < 0:
+            raise ValueError(f"free_bits must be non-negative (nats per latent dimension), got {free_bits}")
         num_filters = list(num_filters)
         self.beta = beta
+        self.kl_warmup_steps = kl_warmup_steps
+        self.free_bits = free_bits
         self.unet = UNet(in_channels, num_filters, convs_per_block)
         self.prior = PriorEncoder(in_channels, num_filters, convs_per_block, latent_dim)
         self.posterior = PosteriorEncoder(in_channels, num_classes, num_filters, convs_per_block, latent_dim)
@@ -82,6 +113,42 @@ class ProbUNet(ProbSegModel):
     def kl(self, posterior: Independent, prior: Independent) -> torch.Tensor:
         """KL(q || p) per image, (B,), in closed form."""
         return kl_divergence(posterior, prior)
+
+    def kl_per_dim(self, posterior: Independent, prior: Independent) -> torch.Tensor:
+        """KL(q_d || p_d) per image and latent dimension, (B, L), in closed form (the Normals are
+        axis-aligned, so the KL is the sum of these over d)."""
+        return kl_divergence(posterior.base_dist, prior.base_dist)
+
+    def kl_weight(self) -> float:
+        """The KL weight of this step: ``beta * min(1, step / kl_warmup_steps)`` in training with a
+        warm-up, ``beta`` otherwise (validation, test, or no warm-up)."""
+        if not self.training or self.kl_warmup_steps == 0:
+            return self.beta
+        return self.beta * min(1.0, self.global_step / self.kl_warmup_steps)
+
+    def kl_terms(self, per_image: torch.Tensor, per_dim: torch.Tensor) -> LossTerms:
+        """The weighted ``kl`` term and its diagnostics.
+
+        Args:
+            per_image: (B,) KL estimate per image (the loss without free bits).
+            per_dim: (B, L) the same split over latent dimensions (its sum over L is ``per_image``);
+                the free-bits floor applies to its batch mean per dimension.
+        """
+        weight = self.kl_weight()
+        dims = per_dim.mean(0)
+        if self.free_bits > 0:
+            kl = weight * dims.clamp_min(self.free_bits).sum()
+        else:
+            kl = weight * per_image.mean()
+        diagnostics = {f"kl_dim{d}": value for d, value in enumerate(dims.detach().unbind())}
+        if self.kl_warmup_steps and self.training:  # outside training the weight is beta
+            diagnostics["kl_weight"] = torch.tensor(weight, device=per_image.device)
+        return LossTerms({"kl": kl}, diagnostics)
+
+    def combine_terms(self, reconstruction: dict[str, torch.Tensor], kl: LossTerms,
+             **others: torch.Tensor) -> LossTerms:
+        """Reconstruction terms, the ``kl`` terms (with their diagnostics) and any other terms."""
+        return LossTerms({**reconstruction, **kl, **others}, kl.diagnostics)
 
     def encode_batch(
         self, batch: dict[str, Any], generator: torch.Generator | None = None
@@ -99,7 +166,8 @@ class ProbUNet(ProbSegModel):
         prior = self.prior(images)
         z = sample_set(posterior, 1, generator)[:, 0]  # reparameterized: gradients reach q
         logits = self.fcomb(features, z)
-        return {**self.reconstruction_terms(logits, target), "kl": self.beta * self.kl(posterior, prior).mean()}
+        kl = self.kl_terms(self.kl(posterior, prior), self.kl_per_dim(posterior, prior))
+        return self.combine_terms(self.reconstruction_terms(logits, target), kl)
 
     def prior_sigmas(self, images: torch.Tensor) -> torch.Tensor:
         """The prior is axis-aligned, so its singular values are its standard deviations (B, L)."""

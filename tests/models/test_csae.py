@@ -96,8 +96,9 @@ def test_sinkhorn_bad_shapes_raise() -> None:
 # --- sampling ignores the flows ------------------------------------------------------------------
 
 
-def test_sample_ignores_flows_but_loss_does_not(tiny_punet_kwargs: dict) -> None:
-    model = _make_model(tiny_punet_kwargs)
+@pytest.mark.parametrize("reconstruct_from", ["flowed", "base"])
+def test_sample_ignores_flows_but_loss_does_not(tiny_punet_kwargs: dict, reconstruct_from: str) -> None:
+    model = _make_model(tiny_punet_kwargs, reconstruct_from=reconstruct_from)
     batch = _batch()
     with torch.no_grad():
         samples = model.sample(batch["image"], 4, torch.Generator().manual_seed(7))
@@ -107,7 +108,10 @@ def test_sample_ignores_flows_but_loss_does_not(tiny_punet_kwargs: dict) -> None
         terms_after = model.loss_terms(batch, torch.Generator().manual_seed(7))
     assert samples.shape == (2, 4, 2, SIZE, SIZE)
     assert_same_kernels(samples_after, samples)
-    assert not torch.allclose(terms_after["rec_ce"], terms["rec_ce"])
+    if reconstruct_from == "flowed":  # the flowed posterior sample reconstructs
+        assert not torch.allclose(terms_after["rec_ce"], terms["rec_ce"])
+    else:  # the base sample reconstructs: the flows enter the Sinkhorn term only
+        assert_same_kernels(terms_after["rec_ce"], terms["rec_ce"])
     assert not torch.allclose(terms_after["sinkhorn"], terms["sinkhorn"])
     # the KL is between the base Normals: the flows do not enter it
     assert_same_kernels(terms_after["kl"], terms["kl"])
