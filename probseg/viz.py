@@ -120,10 +120,27 @@ def training_log(run: str | os.PathLike, key: str = "train/gini") -> Path:
     return max(logs, key=os.path.getmtime)
 
 
-def plot_loss_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Plot every logged ``{stage}/{name}`` loss term against the training step.
+def loss_panels(series: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """The panels of :func:`plot_loss_curves`: (title, logged keys) each.
 
-    One panel per term name (``loss``, ``rec``, ``kl``, ...), train and val overlaid.
+    One panel per loss term name (``loss`` first, then ``rec``, ``kl``, ...), train and val
+    overlaid; the KL per latent dimension (``kl_dim<d>``) shares one panel, training only, so a
+    collapsing dimension shows against the others. The Gini index and the KL weight schedule are
+    not loss terms and are left out.
+    """
+    stage = "train" if any(k.startswith("train/") for k in series) else "val"  # a run too short to log train
+    names = sorted({k.split("/", 1)[1] for k in series if k.startswith(f"{stage}/")} - {"gini", "kl_weight"})
+    dims = sorted((n for n in names if n.startswith("kl_dim")), key=lambda n: int(n[len("kl_dim"):] or 0))
+    terms = sorted((n for n in names if n not in dims), key=lambda n: (n != "loss", n))
+    panels = [(name, [f"train/{name}", f"val/{name}"]) for name in terms]
+    if dims:
+        panels.append(("KL per latent dimension", [f"{stage}/{d}" for d in dims]))
+    return panels
+
+
+def plot_loss_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Plot every logged ``{stage}/{name}`` loss term against the training step (panels:
+    :func:`loss_panels`).
 
     Args:
         metrics_csv: a CSVLogger ``metrics.csv``.
@@ -134,23 +151,20 @@ def plot_loss_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) ->
     """
     plt = _pyplot()
     series = read_metrics_csv(metrics_csv)
-    # Loss terms are what training logs; evaluation metrics and the Gini index have their own plots.
-    names = sorted({k.split("/", 1)[1] for k in series if k.startswith("train/")} - {"gini"})
-    names = names or sorted({k.split("/", 1)[1] for k in series if k.startswith("val/")})  # a run too short to log train
-    if not names:
+    panels = loss_panels(series)
+    if not panels:
         raise ValueError(f"{metrics_csv} holds no train/* or val/* series to plot")
-    names.sort(key=lambda n: (n != "loss", n))
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        for stage, style in (("train", "-"), ("val", "o-")):
-            key = f"{stage}/{name}"
-            if key in series:
-                steps, values = series[key]
-                ax.plot(steps, values, style, label=stage, markersize=3, linewidth=1)
-        ax.set_title(name)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        present = [k for k in keys if k in series]
+        for key in present:
+            steps, values = series[key]
+            style = "o-" if key.startswith("val/") else "-"
+            label = key.split("/", 1)[1] if title.startswith("KL per") else key.split("/", 1)[0]
+            ax.plot(steps, values, style, label=label, markersize=3, linewidth=1)
+        ax.set_title(title)
         ax.set_xlabel("step")
-        positive = all((series[k][1] > 0).all() for k in (f"train/{name}", f"val/{name}") if k in series)
-        if positive:
+        if present and all((series[k][1] > 0).all() for k in present):
             ax.set_yscale("log")
         ax.legend(fontsize=8)
     fig.tight_layout()

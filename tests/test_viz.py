@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from probseg.viz import plot_loss_curves, plot_metric_curves, plot_reliability_diagram, plot_sample_grid
+from probseg.viz import loss_panels, plot_loss_curves, plot_metric_curves, plot_reliability_diagram, plot_sample_grid
 
 
 def _csv(path: Path, rows: list[dict]) -> Path:
@@ -40,6 +40,19 @@ def test_loss_curves_plot_loss_terms_only(tmp_path: Path) -> None:
     assert _png(plot_loss_curves(_csv(tmp_path / "v.csv", [{"step": 1, "val/loss": 1.0}]), tmp_path / "val.png"))[0] > 100
     with pytest.raises(ValueError, match="no train"):
         plot_loss_curves(_csv(tmp_path / "e.csv", [{"step": 1, "other": 1.0}]), tmp_path / "none.png")
+
+
+def test_kl_per_dimension_shares_one_panel_and_schedules_are_left_out(tmp_path: Path) -> None:
+    rows = [{"step": s, "train/loss": 10 - s, "train/kl": 1.0, "train/rec_ce": 5.0, "train/kl_weight": s / 4,
+             "train/gini": 0.1, **{f"train/kl_dim{d}": 0.1 * d for d in range(12)}} for s in range(5)]
+    rows.append({"step": 4, "val/loss": 6.0, "val/kl_dim0": 0.2})
+    path = _csv(tmp_path / "m.csv", rows)
+    from probseg.viz import read_metrics_csv
+
+    panels = loss_panels(read_metrics_csv(path))
+    assert [title for title, _ in panels] == ["loss", "kl", "rec_ce", "KL per latent dimension"]
+    assert panels[-1][1] == [f"train/kl_dim{d}" for d in range(12)]  # numeric order, training only
+    assert _png(plot_loss_curves(path, tmp_path / "loss.png"))[0] > 100
 
 
 def test_reliability_diagram_and_sample_grid(tmp_path: Path) -> None:
