@@ -75,7 +75,7 @@ def model_args(dataset: str, variant: str, steps: int) -> tuple[str, dict[str, A
     return name, args
 
 
-def data_module(dataset: str, lidc: str, seed: int) -> Any:
+def data_module(dataset: str, lidc: str) -> Any:
     if dataset == "synthetic":
         from probseg.data import SyntheticDataModule
 
@@ -158,7 +158,7 @@ def run_one(job: tuple[str, str, int, int, str, str, int]) -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)
     name, args = model_args(dataset, variant, steps)
     model = MODELS[name](**args)
-    dm = data_module(dataset, lidc, seed)
+    dm = data_module(dataset, lidc)
     root = Path(out) / dataset / variant / f"seed{seed}"
     logger = CSVLogger(str(root), name="logs")
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
@@ -255,7 +255,7 @@ def main() -> None:
                   f"HM-IoU {row['hm_iou']:.3f}, diversity {row['diversity']:.3f}, {row['wall_s']:.0f} s", flush=True)
     oracle = {}
     if "synthetic" in args.datasets:
-        oracle["synthetic"] = oracle_row(data_module("synthetic", args.lidc, 0), args.num_samples)
+        oracle["synthetic"] = oracle_row(data_module("synthetic", args.lidc), args.num_samples)
     summary = summarize(rows, oracle)
     (out / "summary.md").write_text(summary + "\n")
     print(summary)

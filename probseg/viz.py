@@ -157,11 +157,12 @@ def plot_loss_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) ->
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels):
         present = [k for k in keys if k in series]
+        by_stage = len({k.split("/", 1)[1] for k in keys}) == 1  # one term, train and val: label the stage
         for key in present:
+            stage, name = key.split("/", 1)
             steps, values = series[key]
-            style = "o-" if key.startswith("val/") else "-"
-            label = key.split("/", 1)[1] if title.startswith("KL per") else key.split("/", 1)[0]
-            ax.plot(steps, values, style, label=label, markersize=3, linewidth=1)
+            ax.plot(steps, values, "o-" if stage == "val" else "-", label=stage if by_stage else name,
+                    markersize=3, linewidth=1)
         ax.set_title(title)
         ax.set_xlabel("step")
         if present and all((series[k][1] > 0).all() for k in present):

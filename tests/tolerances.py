@@ -34,12 +34,6 @@ def gamma(n: int, dtype: torch.dtype) -> float:
     return nu / (1 - nu)
 
 
-def sum_error_bound(terms: int, magnitude: float, dtype: torch.dtype) -> float:
-    """Bound on the rounding error of a sum of ``terms`` values whose absolute values add to
-    ``magnitude``, in any order of summation (so on any CPU and thread count)."""
-    return gamma(max(terms - 1, 1), dtype) * magnitude
-
-
 def assert_same_kernels(a: torch.Tensor, b: torch.Tensor, msg: str | None = None) -> None:
     """Bitwise equality, for two runs of the SAME code path in one process (a seeded generator
     drawn twice, a module whose unused parameters changed): the same kernels add in the same

@@ -146,7 +146,7 @@ class ProbUNet(ProbSegModel):
         return LossTerms({"kl": kl}, diagnostics)
 
     def combine_terms(self, reconstruction: dict[str, torch.Tensor], kl: LossTerms,
-             **others: torch.Tensor) -> LossTerms:
+                      **others: torch.Tensor) -> LossTerms:
         """Reconstruction terms, the ``kl`` terms (with their diagnostics) and any other terms."""
         return LossTerms({**reconstruction, **kl, **others}, kl.diagnostics)
 
