@@ -30,7 +30,7 @@ def tiled_combiner(model: ProbUNet, features: torch.Tensor, z: torch.Tensor) -> 
     h, w = features.shape[-2:]
     x = torch.cat([features.unsqueeze(1).expand(b, s, -1, h, w), z[..., None, None].expand(b, s, latent, h, w)], 2)
     x = x.flatten(0, 1)
-    convs = model.fcomb.convs
+    convs = model.network.fcomb.convs
     for i, conv in enumerate(convs):
         x = conv(x if i == 0 else F.relu(x))
     return x.unflatten(0, (b, s))
@@ -54,13 +54,13 @@ def main() -> None:
     s = args.samples
 
     with torch.inference_mode():
-        features = model.unet(x)
+        features = model.network.unet(x)
         z = torch.randn(batch, s, model.hparams.latent_dim, device=device)
-        torch.testing.assert_close(model.fcomb(features, z), tiled_combiner(model, features, z), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model.network.fcomb(features, z), tiled_combiner(model, features, z), rtol=1e-4, atol=1e-4)
         one = timed(lambda: model.sample(x, 1), args.repeats, device)
         ours = timed(lambda: model.sample(x, s), args.repeats, device)
         naive = timed(lambda: [model.sample(x, 1) for _ in range(s)], args.repeats, device)
-        comb_split = timed(lambda: model.fcomb(features, z), args.repeats, device)
+        comb_split = timed(lambda: model.network.fcomb(features, z), args.repeats, device)
         comb_tiled = timed(lambda: tiled_combiner(model, features, z), args.repeats, device)
 
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, device {device}, "

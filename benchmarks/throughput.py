@@ -69,7 +69,7 @@ def measure(name: str, config: str, variant: str, steps: int, device: torch.devi
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
     compile_s = 0.0
     if variant == "compiled":
-        model.unet.compile()
+        model.network.unet.compile()
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if variant == "bf16"
                 else contextlib.nullcontext())
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)

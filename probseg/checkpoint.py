@@ -12,12 +12,15 @@ import inspect
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from probseg.models.base import CHECKPOINT_KEY, ProbSegModel
-from probseg.models.registry import MODELS, get_model_class
+if TYPE_CHECKING:
+    from probseg.models.base import ProbSegModel
+
+CHECKPOINT_KEY = "probseg"
+"""Key of the metadata dict a zoo checkpoint carries (model name, class path, version)."""
 
 
 class CheckpointError(ValueError):
@@ -76,6 +79,11 @@ def load_model(
         CheckpointError: the file is not a probseg checkpoint or cannot be loaded safely.
         KeyError: the checkpoint names a model that is not registered.
     """
+    from probseg.models.registry import (  # the zoo: imported when a model is built
+        MODELS,
+        get_model_class,
+    )
+
     device = torch.device(map_location)  # a bad device string fails here, before any reading
     checkpoint = read_checkpoint(path)
     meta = checkpoint[CHECKPOINT_KEY]

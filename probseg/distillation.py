@@ -37,6 +37,12 @@ import torch
 from probseg.calibration import KDECalibration
 from probseg.data.fusion import fuse_raters
 from probseg.losses.reconstruction import ReconstructionLoss
+from probseg.models.objectives import (
+    LossTerms,
+    Objective,
+    StepContext,
+    register_optional_objective,
+)
 
 if TYPE_CHECKING:
     from probseg.models.base import ProbSegModel
@@ -57,8 +63,10 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-class Distillation:
-    """A teacher checkpoint, its calibration and the distillation loss of a student.
+class Distillation(Objective):
+    """A teacher checkpoint, its calibration and the distillation loss of a student: the optional
+    objective ``"distillation"`` of every zoo model (terms ``kd_<component>``, in training and
+    validation; the test loss is the model's own).
 
     Args:
         teacher: path of a zoo checkpoint (any model; a deterministic ``unet`` is the usual one).
@@ -76,6 +84,8 @@ class Distillation:
         label_smoothing: eps of t <- (1 - eps) t + eps / K, applied after the KDE (0: off).
         loss_options: the student's reconstruction options (pixel_reduction, region options).
     """
+
+    name = "distillation"
 
     def __init__(
         self,
@@ -240,3 +250,47 @@ class Distillation:
         # components apply unchanged, on the student's scale.
         terms = self.loss(student_log_probs, target.to(student_log_probs.dtype))
         return {f"kd_{name.removeprefix('rec_')}": value for name, value in terms.items()}
+
+    # --- the objective -------------------------------------------------------------------------
+
+    def __call__(self, context: StepContext) -> LossTerms:
+        """The ``kd_*`` terms of a step against the (calibrated) teacher; none at test.
+
+        At validation the diagnostics add the teacher's ECE (``teacher_ece``) and, with a KDE, the
+        ECE of the distillation target after calibration (and label smoothing, if set),
+        ``teacher_kde_ece``.
+        """
+        if context.stage == "test":  # test reports the model's own loss
+            return LossTerms()
+        batch, generator = context.batch, context.generator
+        raw, target = self.targets(batch, generator)
+        log_probs = context.network.predictive_log_probabilities(batch["image"], self.student_samples, generator,
+                                                                 outputs=context.outputs)
+        diagnostics = {}
+        if context.stage == "val":
+            from probseg.metrics.functional import expected_calibration_error
+
+            masks, rater_mask = batch["masks"], batch.get("rater_mask")
+            maps = {"teacher_ece": raw, **({"teacher_kde_ece": target} if self.kde is not None else {})}
+            diagnostics = {k: expected_calibration_error(v[:, None], masks, rater_mask).mean() for k, v in maps.items()}
+        return LossTerms(self.terms(log_probs, target), diagnostics)
+
+    def setup(self, device: torch.device) -> None:
+        self.teacher_model(device)  # a missing or mismatched teacher fails before step 1
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        """Which teacher file the student learnt from (its sha256)."""
+        fingerprint = self.fingerprint or self.expected_fingerprint
+        return {"teacher_sha256": fingerprint} if fingerprint else {}
+
+    def load_checkpoint_metadata(self, metadata: Mapping[str, Any]) -> None:
+        self.expected_fingerprint = metadata.get("teacher_sha256")
+        self.check_fingerprint()
+
+
+@register_optional_objective("distillation")
+def distillation_from_options(options: Mapping[str, Any]) -> Distillation | None:
+    """The distillation a model's shared options (``teacher``, ``distillation``, ``num_classes``,
+    ``in_channels``, ``loss_options``) ask for, or None."""
+    return Distillation.from_config(options.get("teacher"), options.get("distillation"), options["num_classes"],
+                                    options["in_channels"], options.get("loss_options"))

@@ -1,14 +1,16 @@
-"""Helpers shared by the CLI and sampling tests: tiny configs and a tiny trained checkpoint."""
+"""Helpers shared by tests: tiny configs, a tiny trained checkpoint, a counter of host reads."""
 
 from __future__ import annotations
 
 import os
 import signal
+import traceback
 from pathlib import Path
 
-from lightning.pytorch.callbacks import Callback
-
+import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
+from torch.overrides import TorchFunctionMode
 
 from tests.conftest import TINY_PUNET
 
@@ -44,7 +46,7 @@ class KillAtStep(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -56,10 +58,30 @@ class RecordFirstDraw(Callback):
     def __init__(self, folder: str) -> None:
         self.folder = folder
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == 0:
             import torch
 
             Path(self.folder).mkdir(parents=True, exist_ok=True)
             value = float(torch.rand(()))
             Path(self.folder, f"rank{trainer.global_rank}.txt").write_text(f"{value}\n{','.join(batch['id'])}\n")
+
+
+HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+              torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy}
+"""Tensor methods that read a value back to the host: on an accelerator, each one waits for the
+device (a synchronisation)."""
+
+
+class HostReads(TorchFunctionMode):
+    """Records every host read of a tensor value, with the line that asked for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            caller = traceback.extract_stack(limit=2)[0]
+            self.reads.append(f"{func.__name__} at {Path(caller.filename).name}:{caller.lineno}")
+        return func(*args, **(kwargs or {}))

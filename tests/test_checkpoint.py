@@ -52,7 +52,7 @@ def test_load_model_returns_the_concrete_class_in_eval_mode(trained) -> None:
     assert all(not m.training for m in loaded.modules())
     assert loaded.hparams.beta == 0.5
     assert list(loaded.hparams.num_filters) == TINY_PUNET["num_filters"]
-    assert loaded.beta == 0.5
+    assert loaded.kl_objective.beta == 0.5
     # the public lazy alias is the same function, and str paths work
     assert type(probseg.load_model(str(path))) is ProbUNet
 

@@ -295,9 +295,9 @@ def test_paper_configs_follow_table_4(config: Path, monkeypatch: pytest.MonkeyPa
     cli = _cli(["--config", str(config), "--wandb", "disabled"])
     beta, gamma, patience, n_eval = TABLE_4[config.parent.name]
     model, data = cli.model, cli.datamodule
-    assert (model.beta, model.lr, model.weight_decay, model.hparams.latent_dim) == (beta, 1e-4, 5e-5, 6)
+    assert (model.hparams.beta, model.lr, model.weight_decay, model.hparams.latent_dim) == (beta, 1e-4, 5e-5, 6)
     if model.registry_name == "csae":
-        assert (model.gamma, model.num_ot_samples, model.hparams.sinkhorn_diameter) == (gamma, 16, 100.0)
+        assert (model.hparams.gamma, model.hparams.num_ot_samples, model.hparams.sinkhorn_diameter) == (gamma, 16, 100.0)
     assert (data.batch_size, data.split_mode, data.augmentation is not None) == (32, "paper", True)
     stopping = next(c for c in cli.trainer.callbacks if isinstance(c, EarlyStopping))
     assert (stopping.monitor, stopping.patience) == ("val/loss", patience)

@@ -53,7 +53,7 @@ def test_release_0_1_checkpoint_gives_the_same_training_terms(name: str) -> None
 
 def test_release_0_1_csae_keeps_the_reading_it_was_trained_with() -> None:
     model, expected = _load("csae")
-    assert (model.reconstruct_from, model.sinkhorn_posterior) == ("flowed", "one_rater")
+    assert (model.network.reconstruct_from, model.network.sinkhorn_posterior) == ("flowed", "one_rater")
     assert model.hparams["reconstruct_from"] == "flowed"
     # the same weights under today's default reading give other terms: the check above discriminates
     hparams = {**dict(model.hparams), "reconstruct_from": "base"}
@@ -74,4 +74,4 @@ def test_a_saved_option_wins_over_the_legacy_default(tmp_path: Path) -> None:
     checkpoint["hyper_parameters"]["sinkhorn_posterior"] = "all_raters"
     torch.save(checkpoint, tmp_path / "new.ckpt")
     loaded = probseg.load_model(tmp_path / "new.ckpt")
-    assert (loaded.reconstruct_from, loaded.sinkhorn_posterior) == ("base", "all_raters")
+    assert (loaded.network.reconstruct_from, loaded.network.sinkhorn_posterior) == ("base", "all_raters")

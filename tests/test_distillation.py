@@ -16,12 +16,19 @@ from probseg.cli import main
 from probseg.data import SyntheticDataModule
 from probseg.distillation import Distillation
 from probseg.models import MODELS, ProbUNet, UNetBaseline
+from probseg.models.objectives import StepContext
 from probseg.results import read_results
 from tests.conftest import TINY_PUNET
 from tests.helpers import tiny_config
 
 TINY_UNET = {"num_filters": [4, 8, 8], "convs_per_block": 1}
 NO_TRAINER_LOG = pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")  # steps run without a Trainer
+
+
+def _distillation_terms(model, batch, generator=None, stage="train"):
+    """The ``kd_*`` terms of the model's distillation objective for a batch, on their own."""
+    context = StepContext(batch, None, None, model.network, generator, model.training, model.global_step, stage)
+    return model.distiller(context)
 
 
 def _datamodule() -> SyntheticDataModule:
@@ -102,7 +109,7 @@ def test_missing_or_mismatched_teacher_fails_before_the_first_step(tmp_path: Pat
 def _teacher_probs(path: Path, images: torch.Tensor) -> torch.Tensor:
     teacher = probseg.load_model(path)
     with torch.no_grad():
-        return torch.conv2d(teacher.unet(images), teacher.head.weight, teacher.head.bias).softmax(1)
+        return torch.conv2d(teacher.network.unet(images), teacher.network.head.weight, teacher.network.head.bias).softmax(1)
 
 
 def test_kd_terms_match_the_formulas(teacher_ckpt: Path) -> None:
@@ -112,9 +119,9 @@ def test_kd_terms_match_the_formulas(teacher_ckpt: Path) -> None:
                          distillation={"kde": False, "label_smoothing": eps, "weights": {"ce": 0.5, "dml1": 2.0}})
     batch = _batch()
     terms = model.loss_terms(batch)
-    terms.update(model.distillation_terms(batch))
+    terms.update(_distillation_terms(model, batch))
     t = (1 - eps) * _teacher_probs(teacher_ckpt, batch["image"]) + eps / 2
-    p = model.logits(batch["image"], 1, dropout=False)[:, 0].softmax(1)
+    p = model.network.logits(batch["image"], 1, dropout=False)[:, 0].softmax(1)
     pixels = 32 * 32
     ce = -(t * p.log()).sum(1).sum((1, 2)).mean()
     # DML1 per image, classes averaged, smooth s = 1: 1 - (|x| + |y| - |x - y| + s) / (|x| + |y| + s),
@@ -136,12 +143,12 @@ def test_kd_target_is_the_kde_calibrated_teacher(teacher_ckpt: Path) -> None:
     kde = {"bandwidth": 0.05, "n_key": 64, "region": "all"}
     model = UNetBaseline(**TINY_UNET, teacher=str(teacher_ckpt), distillation={"kde": kde, "weights": {"ce": 1.0}})
     batch = _batch()
-    terms = model.distillation_terms(batch, torch.Generator().manual_seed(7))
+    terms = _distillation_terms(model, batch, torch.Generator().manual_seed(7))
     raw = _teacher_probs(teacher_ckpt, batch["image"])
     labels = fuse_raters(batch["masks"], batch["rater_mask"], 2, "mean")
     t = kde_calibrate(raw, labels, **kde, generator=torch.Generator().manual_seed(7))
     assert (t - raw).abs().max() > 1e-3  # the calibration moved the target
-    p = model.logits(batch["image"], 1, dropout=False)[:, 0].softmax(1)
+    p = model.network.logits(batch["image"], 1, dropout=False)[:, 0].softmax(1)
     torch.testing.assert_close(terms["kd_ce"], -(t * p.log()).sum(1).sum((1, 2)).mean(), rtol=1e-4, atol=1e-3)
 
 
@@ -151,14 +158,14 @@ def test_an_mc_dropout_student_averages_student_samples(teacher_ckpt: Path) -> N
     model = UNetBaseline(**TINY_UNET, dropout=0.3, teacher=str(teacher_ckpt),
                          distillation={"kde": False, "student_samples": 6}).train()
     calls = []
-    model.head.register_forward_hook(lambda *args: calls.append(1))
+    model.network.head.register_forward_hook(lambda *args: calls.append(1))
     sampled = []
-    original = model.sample
-    model.sample = lambda images, n, generator=None: sampled.append(n) or original(images, n, generator)
+    original = model.network.sample
+    model.network.sample = lambda images, n, generator=None: sampled.append(n) or original(images, n, generator)
     model._step(_batch(), "train", 0)
     assert sampled == [6]
     one = UNetBaseline(**TINY_UNET, dropout=0.3, teacher=str(teacher_ckpt), distillation={"student_samples": 1})
-    one.sample = lambda *args, **kwargs: pytest.fail("one draw reuses the training forward pass")
+    one.network.sample = lambda *args, **kwargs: pytest.fail("one draw reuses the training forward pass")
     one._step(_batch(), "train", 0)
 
 
@@ -170,17 +177,17 @@ def test_latent_student_distils_its_prior_predictive_mean(teacher_ckpt: Path) ->
     log_probs = model.predictive_log_probabilities(images, 5, torch.Generator().manual_seed(3))
     samples = model.sample(images, 5, torch.Generator().manual_seed(3)).softmax(2)
     torch.testing.assert_close(log_probs.exp(), samples.mean(1), rtol=1e-5, atol=1e-6)
-    terms = model.distillation_terms(_batch(), torch.Generator().manual_seed(3))
+    terms = _distillation_terms(model, _batch(), torch.Generator().manual_seed(3))
     terms["kd_ce"].backward()  # through the reparameterized prior draws, into prior and decoder
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.prior.parameters())
-    assert all(p.grad is None for p in model.posterior.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.network.prior.parameters())
+    assert all(p.grad is None for p in model.network.posterior.parameters())
 
 
 @NO_TRAINER_LOG
 def test_a_deterministic_student_runs_its_network_once_per_step(teacher_ckpt: Path) -> None:
     model = UNetBaseline(**TINY_UNET, teacher=str(teacher_ckpt)).train()
     calls = []
-    model.unet.register_forward_hook(lambda *args: calls.append(1))
+    model.network.unet.register_forward_hook(lambda *args: calls.append(1))
     model._step(_batch(), "train", 0)
     assert len(calls) == 1
 

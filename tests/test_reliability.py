@@ -29,7 +29,7 @@ class _PoisonAfter(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         if trainer.global_step == self.step:
             with torch.no_grad():
-                next(pl_module.fcomb.parameters()).view(-1)[0] = float("nan")
+                next(pl_module.network.fcomb.parameters()).view(-1)[0] = float("nan")
 
 
 def _trainer(root: Path, *callbacks: pl.Callback) -> pl.Trainer:
@@ -45,8 +45,8 @@ def test_a_non_finite_loss_stops_naming_term_and_step_after_saving_the_last_good
     model = MODELS["punet"](**TINY_ARGS["punet"])
     original = model.loss_terms
 
-    def loss_terms(batch, generator=None):  # noqa: ANN001
-        terms = original(batch, generator)
+    def loss_terms(batch, generator=None, **kwargs):  # noqa: ANN001, ANN003
+        terms = original(batch, generator, **kwargs)
         if model.trainer.global_step == 3:
             terms["kl"] = terms["kl"] * float("nan")
         return terms

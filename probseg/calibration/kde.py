@@ -81,6 +81,13 @@ import torch
 from torch import Tensor
 
 from probseg._config import optional_component
+from probseg._ops import (
+    check_class_ids,
+    check_probabilities,
+    check_sums_to_one,
+    check_tensor,
+    shape_of,
+)
 
 PROB_FLOOR = torch.finfo(torch.float32).tiny
 """Probabilities are clamped to [PROB_FLOOR, 1] before the logarithm (any dtype)."""
@@ -96,15 +103,6 @@ _CPU_CHUNK_BYTES = 4 * 2**20
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def _shape(x: Any) -> tuple[int, ...]:
-    return tuple(getattr(x, "shape", ()))
-
-
-def _check_tensor(x: Any, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
 def _check_bandwidth(bandwidth: Any) -> float:
@@ -127,40 +125,6 @@ def _check_region(region: Any) -> str:
     if region not in REGIONS:
         raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
     return region
-
-
-def _check_probabilities(x: Tensor, name: str) -> None:
-    """Floating values in [0, 1] (NaN and Inf rejected)."""
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be floating-point probabilities, got dtype {x.dtype}")
-    if x.numel() == 0:
-        return
-    low, high = torch.aminmax(x.detach())
-    if bool(torch.isnan(low) | torch.isnan(high)):
-        raise ValueError(f"{name} holds NaN; probabilities must be finite values in [0, 1]")
-    if low < 0 or high > 1:
-        raise ValueError(f"{name} must lie in [0, 1], found values in [{low.item():.4g}, {high.item():.4g}]")
-
-
-def _check_sums_to_one(x: Tensor, name: str, dim: int) -> None:
-    """Class probabilities along ``dim`` must sum to 1 (tolerance scaled to the dtype)."""
-    if x.numel() == 0:
-        return
-    tol = max(1e-2, 4 * x.shape[dim] * torch.finfo(x.dtype).eps)  # loose: half-precision inputs
-    sums = x.detach().sum(dim=dim, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    worst = float((sums - 1).abs().max())
-    if worst > tol:
-        raise ValueError(f"{name} must sum to 1 over the class axis (dim {dim}); the largest deviation is {worst:.4g}")
-
-
-def _check_class_ids(x: Tensor, num_classes: int, name: str) -> None:
-    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer class ids, got dtype {x.dtype}")
-    if x.numel() == 0:
-        return
-    low, high = (int(v) for v in torch.aminmax(x))
-    if low < 0 or high >= num_classes:
-        raise ValueError(f"{name} holds class ids in [{low}, {high}], outside [0, {num_classes - 1}]")
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -211,14 +175,14 @@ def dirichlet_log_kernel(probs: Tensor, key_probs: Tensor, bandwidth: float) -> 
         (n, m) log kernel values, float64 if an input is float64, else float32.
     """
     bandwidth = _check_bandwidth(bandwidth)
-    _check_tensor(probs, "probs")
-    _check_tensor(key_probs, "key_probs")
+    check_tensor(probs, "probs")
+    check_tensor(key_probs, "key_probs")
     if probs.ndim != 2 or probs.shape[1] < 2:
-        raise ValueError(f"probs must have shape (n, K) with K >= 2, got {_shape(probs)}")
+        raise ValueError(f"probs must have shape (n, K) with K >= 2, got {shape_of(probs)}")
     if key_probs.ndim != 2 or key_probs.shape[1] != probs.shape[1]:
-        raise ValueError(f"key_probs must have shape (m, K) = (m, {probs.shape[1]}), got {_shape(key_probs)}")
-    _check_probabilities(probs, "probs")
-    _check_probabilities(key_probs, "key_probs")
+        raise ValueError(f"key_probs must have shape (m, K) = (m, {probs.shape[1]}), got {shape_of(key_probs)}")
+    check_probabilities(probs, "probs")
+    check_probabilities(key_probs, "key_probs")
     if probs.device != key_probs.device:
         raise ValueError(f"probs is on {probs.device} and key_probs on {key_probs.device}; use one device")
     dtype = _compute_dtype(probs, key_probs)
@@ -245,12 +209,12 @@ def beta_log_kernel(probs: Tensor, key_probs: Tensor, bandwidth: float) -> Tenso
     Returns:
         (n, m) log kernel values (see :func:`dirichlet_log_kernel`).
     """
-    _check_tensor(probs, "probs")
-    _check_tensor(key_probs, "key_probs")
+    check_tensor(probs, "probs")
+    check_tensor(key_probs, "key_probs")
     if probs.ndim != 1:
-        raise ValueError(f"probs must have shape (n,) (foreground probabilities), got {_shape(probs)}")
+        raise ValueError(f"probs must have shape (n,) (foreground probabilities), got {shape_of(probs)}")
     if key_probs.ndim != 1:
-        raise ValueError(f"key_probs must have shape (m,) (foreground probabilities), got {_shape(key_probs)}")
+        raise ValueError(f"key_probs must have shape (m,) (foreground probabilities), got {shape_of(key_probs)}")
     binary = torch.stack([1 - probs, probs], 1)
     return dirichlet_log_kernel(binary, torch.stack([1 - key_probs, key_probs], 1), bandwidth)
 
@@ -275,9 +239,9 @@ def sample_key_points(labels: Tensor, n_key: int, generator: torch.Generator | N
         ``(indices, weights)``: (m,) long indices into ``labels``, grouped by ascending class id,
         and (m,) float32 importance weights ``n_c / m_c`` (>= 1).
     """
-    _check_tensor(labels, "labels")
+    check_tensor(labels, "labels")
     if labels.ndim != 1 or labels.numel() == 0:
-        raise ValueError(f"labels must have shape (n,) with n >= 1, got {_shape(labels)}")
+        raise ValueError(f"labels must have shape (n,) with n >= 1, got {shape_of(labels)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must hold integer class ids, got dtype {labels.dtype}")
     n_key = _check_int(n_key, "n_key", 1)
@@ -330,32 +294,32 @@ def kde_estimate(
     """
     bandwidth = _check_bandwidth(bandwidth)
     for x, name in ((probs, "probs"), (key_probs, "key_probs"), (key_labels, "key_labels")):
-        _check_tensor(x, name)
+        check_tensor(x, name)
     if probs.ndim != 2 or probs.shape[1] < 2:
-        raise ValueError(f"probs must have shape (n, K) with K >= 2, got {_shape(probs)}")
+        raise ValueError(f"probs must have shape (n, K) with K >= 2, got {shape_of(probs)}")
     n, k = probs.shape
     if key_probs.ndim != 2 or key_probs.shape[1] != k or key_probs.shape[0] == 0:
-        raise ValueError(f"key_probs must have shape (m, K) = (m, {k}) with m >= 1, got {_shape(key_probs)}")
+        raise ValueError(f"key_probs must have shape (m, K) = (m, {k}) with m >= 1, got {shape_of(key_probs)}")
     m = key_probs.shape[0]
     if key_labels.ndim == 1 and not key_labels.is_floating_point():
         if key_labels.shape[0] != m:
-            raise ValueError(f"key_labels must have shape ({m},) or ({m}, {k}), got {_shape(key_labels)}")
-        _check_class_ids(key_labels, k, "key_labels")
+            raise ValueError(f"key_labels must have shape ({m},) or ({m}, {k}), got {shape_of(key_labels)}")
+        check_class_ids(key_labels, k, "key_labels", allow_bool=False)
         key_labels = torch.nn.functional.one_hot(key_labels.long(), k)
     elif key_labels.shape != (m, k):
         raise ValueError(
-            f"key_labels must have shape (m, K) = ({m}, {k}) or ({m},) class ids, got {_shape(key_labels)}"
+            f"key_labels must have shape (m, K) = ({m}, {k}) or ({m},) class ids, got {shape_of(key_labels)}"
         )
     else:
-        _check_probabilities(key_labels, "key_labels")
-        _check_sums_to_one(key_labels, "key_labels", dim=1)
-    _check_probabilities(probs, "probs")
-    _check_probabilities(key_probs, "key_probs")
+        check_probabilities(key_labels, "key_labels")
+        check_sums_to_one(key_labels, "key_labels", dim=1)
+    check_probabilities(probs, "probs")
+    check_probabilities(key_probs, "key_probs")
     tensors = [probs, key_probs, key_labels]
     if key_weights is not None:
-        _check_tensor(key_weights, "key_weights")
+        check_tensor(key_weights, "key_weights")
         if key_weights.shape != (m,):
-            raise ValueError(f"key_weights must have shape (m,) = ({m},), got {_shape(key_weights)}")
+            raise ValueError(f"key_weights must have shape (m,) = ({m},), got {shape_of(key_weights)}")
         if not key_weights.is_floating_point():
             key_weights = key_weights.double()
         if not bool(torch.isfinite(key_weights).all() & (key_weights > 0).all()):
@@ -407,15 +371,15 @@ def calibration_region(probs: Tensor, labels: Tensor, boundary_width: int = 1) -
     Returns:
         (B, H, W) bool.
     """
-    _check_tensor(probs, "probs")
-    _check_tensor(labels, "labels")
+    check_tensor(probs, "probs")
+    check_tensor(labels, "labels")
     if probs.ndim != 4 or probs.shape[1] < 2:
-        raise ValueError(f"probs must have shape (B, K, H, W) with K >= 2, got {_shape(probs)}")
+        raise ValueError(f"probs must have shape (B, K, H, W) with K >= 2, got {shape_of(probs)}")
     b, k, h, w = probs.shape
     if labels.shape != (b, h, w):
-        raise ValueError(f"labels must have shape (B, H, W) = {(b, h, w)}, got {_shape(labels)}")
+        raise ValueError(f"labels must have shape (B, H, W) = {(b, h, w)}, got {shape_of(labels)}")
     boundary_width = _check_int(boundary_width, "boundary_width", 0)
-    _check_class_ids(labels, k, "labels")
+    check_class_ids(labels, k, "labels", allow_bool=False)
     labels = labels.long()
     region = probs.detach().argmax(dim=1) != labels
     if boundary_width > 0:
@@ -465,31 +429,31 @@ def kde_calibrate(
     boundary_width = _check_int(boundary_width, "boundary_width", 0)
     if not isinstance(importance_weights, bool):
         raise TypeError(f"importance_weights must be a bool, got {importance_weights!r}")
-    _check_tensor(probs, "probs")
-    _check_tensor(target, "target")
+    check_tensor(probs, "probs")
+    check_tensor(target, "target")
     if probs.ndim != 4 or probs.shape[1] < 2 or probs.numel() == 0:
-        raise ValueError(f"probs must have shape (B, K, H, W) with K >= 2 and no empty axis, got {_shape(probs)}")
+        raise ValueError(f"probs must have shape (B, K, H, W) with K >= 2 and no empty axis, got {shape_of(probs)}")
     b, k, h, w = probs.shape
     probs = probs.detach()
     target = target.detach()
-    _check_probabilities(probs, "probs")
-    _check_sums_to_one(probs, "probs", dim=1)
+    check_probabilities(probs, "probs")
+    check_sums_to_one(probs, "probs", dim=1)
     if target.device != probs.device:
         raise ValueError(f"probs is on {probs.device} and target on {target.device}; use one device")
     dtype = _compute_dtype(probs)
     if target.shape == (b, h, w):
-        _check_class_ids(target, k, "target")
+        check_class_ids(target, k, "target", allow_bool=False)
         ids = target.long()
         soft = None
     elif target.shape == (b, k, h, w):
-        _check_probabilities(target, "target")
-        _check_sums_to_one(target, "target", dim=1)
+        check_probabilities(target, "target")
+        check_sums_to_one(target, "target", dim=1)
         ids = target.argmax(dim=1)
         soft = target
     else:
         raise ValueError(
             f"target must have shape (B, H, W) = {(b, h, w)} (class ids) or (B, K, H, W) = {(b, k, h, w)} "
-            f"(soft labels), got {_shape(target)}"
+            f"(soft labels), got {shape_of(target)}"
         )
 
     flat_probs = probs.permute(0, 2, 3, 1).reshape(-1, k)  # (n, K)
@@ -561,9 +525,9 @@ class KDECalibration:
 
     def __call__(self, probs: Tensor, target: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """(B, K, H, W) probabilities and (B, H, W) ids or (B, K, H, W) soft labels -> calibrated (B, K, H, W)."""
-        _check_tensor(probs, "probs")
+        check_tensor(probs, "probs")
         if probs.ndim != 4:
-            raise ValueError(f"probs must have shape (B, K, H, W), got {_shape(probs)}")
+            raise ValueError(f"probs must have shape (B, K, H, W), got {shape_of(probs)}")
         self.check_num_classes(probs.shape[1])
         return kde_calibrate(
             probs,

@@ -48,8 +48,8 @@ class FastPaths(Callback):
             return
         if self.channels_last:
             pl_module.to(memory_format=torch.channels_last)
-        if self.compile and hasattr(pl_module, "unet"):
-            pl_module.unet.compile()
+        if self.compile and hasattr(getattr(pl_module, "network", None), "unet"):
+            pl_module.network.unet.compile()
         self._applied = True
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:

@@ -17,11 +17,20 @@ from __future__ import annotations
 
 import torch
 
+from probseg._ops import check_rater_mask, foreground_dice, majority_vote, one_hot
+
+__all__ = [
+    "FUSIONS", "foreground_dice", "fuse_raters", "majority_vote", "one_hot", "random_rater", "rater_weights",
+    "training_target",
+]
+
 
 def random_rater(
     masks: torch.Tensor,
     rater_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    *,
+    checked: bool = False,
 ) -> torch.Tensor:
     """Draw one available rater per image, uniformly.
 
@@ -32,6 +41,8 @@ def random_rater(
         masks: (B, R, H, W) integer class ids.
         rater_mask: (B, R) bool, True where the rater annotated the image (None: all did).
         generator: optional torch.Generator on ``masks.device``.
+        checked: the batch passed :func:`probseg.data.batch.check_batch` (every image has a
+            rater): skip that check and its host synchronisation.
 
     Returns:
         (B, H, W) the chosen rater's mask for each image.
@@ -44,94 +55,38 @@ def random_rater(
     else:
         if rater_mask.shape != (b, r):
             raise ValueError(f"rater_mask must have shape {(b, r)}, got {tuple(rater_mask.shape)}")
-        if not bool(rater_mask.any(dim=1).all()):
+        if not checked and not bool(rater_mask.any(dim=1).all()):
             raise ValueError("every image needs at least one rater (a rater_mask row is all False)")
         index = torch.multinomial(rater_mask.float(), 1, generator=generator).squeeze(1)
     return masks[torch.arange(b, device=masks.device), index]
-
-
-def majority_vote(
-    masks: torch.Tensor, rater_mask: torch.Tensor | None = None, num_classes: int | None = None
-) -> torch.Tensor:
-    """Per-pixel majority vote of the available raters.
-
-    Ties go to the lowest class id (for a binary 2-2 split: background), so the vote is
-    deterministic.
-
-    Args:
-        masks: (B, R, H, W) integer class ids.
-        rater_mask: (B, R) bool, True where the rater annotated the image (None: all did).
-        num_classes: K; None uses ``masks.max() + 1``.
-
-    Returns:
-        (B, H, W) int64 class ids.
-    """
-    if masks.ndim != 4:
-        raise ValueError(f"expected rater masks of shape (B, R, H, W), got {tuple(masks.shape)}")
-    if masks.is_floating_point() or masks.dtype == torch.bool:
-        masks = masks.long()
-    b, r = masks.shape[:2]
-    if rater_mask is None:
-        rater_mask = torch.ones(b, r, dtype=torch.bool, device=masks.device)
-    elif rater_mask.shape != (b, r):
-        raise ValueError(f"rater_mask must have shape {(b, r)}, got {tuple(rater_mask.shape)}")
-    k = int(masks.max()) + 1 if num_classes is None else num_classes
-    weight = rater_mask.to(torch.float32)[:, :, None, None]
-    votes = torch.stack([((masks == c).float() * weight).sum(dim=1) for c in range(max(k, 1))], dim=1)
-    return votes.argmax(dim=1)  # first maximum on ties: the lowest class id
 
 
 FUSIONS = ("random", "majority", "mean", "weighted_mean", "label_smoothing")
 """Fusion methods of :func:`fuse_raters`."""
 
 
-def _present(masks: torch.Tensor, rater_mask: torch.Tensor | None) -> torch.Tensor:
-    b, r = masks.shape[:2]
-    if rater_mask is None:
-        return torch.ones(b, r, dtype=torch.bool, device=masks.device)
-    if rater_mask.shape != (b, r):
-        raise ValueError(f"rater_mask must have shape {(b, r)}, got {tuple(rater_mask.shape)}")
-    if not bool(rater_mask.any(dim=1).all()):
-        raise ValueError("every image needs at least one rater (a rater_mask row is all False)")
-    return rater_mask.bool()
+def _present(masks: torch.Tensor, rater_mask: torch.Tensor | None, checked: bool) -> torch.Tensor:
+    """The (B, R) bool mask of present raters; checked by :func:`check_rater_mask` unless the batch
+    already was."""
+    if not checked:
+        return check_rater_mask(rater_mask, masks)
+    return torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device) if rater_mask is None else rater_mask
 
 
-def one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(..., H, W) class ids -> (..., K, H, W) one-hot maps."""
-    return torch.nn.functional.one_hot(labels.long(), num_classes).movedim(-1, -3).to(dtype)
-
-
-def foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dice of two class-id maps, one-vs-rest per foreground class 1..K-1 (a class empty in both
-    scores 1), averaged over those classes.
-
-    Args:
-        a, b: (..., N) integer class ids, broadcastable against each other.
-        num_classes: K.
-        dtype: of the counts and the result.
-
-    Returns:
-        (...) Dice values in [0, 1].
-    """
-    scores = []
-    for c in range(1, num_classes):
-        a_c, b_c = a == c, b == c
-        inter = (a_c & b_c).sum(-1).to(dtype)
-        total = (a_c.sum(-1) + b_c.sum(-1)).to(dtype)
-        scores.append(torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total)))
-    return torch.stack(scores).mean(0)
-
-
-def rater_weights(masks: torch.Tensor, rater_mask: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+def rater_weights(masks: torch.Tensor, rater_mask: torch.Tensor | None, num_classes: int, *,
+                  checked: bool = False) -> torch.Tensor:
     """Each rater's Dice against the per-pixel majority vote, normalized over the image's raters.
 
     Dice is averaged over the foreground classes 1..K-1 (a class empty in both maps scores 1).
     Absent raters get 0. An image whose raters all score 0 falls back to uniform weights.
 
+    Args:
+        checked: as in :func:`random_rater`.
+
     Returns:
         (B, R) weights summing to 1 per image.
     """
-    present = _present(masks, rater_mask)
+    present = _present(masks, rater_mask, checked)
     vote = majority_vote(masks, present, num_classes)
     dice = foreground_dice(masks.flatten(2), vote.flatten(1)[:, None], num_classes) * present
     fallback = present.float()
@@ -146,6 +101,8 @@ def fuse_raters(
     method: str = "random",
     smoothing: float = 0.1,
     generator: torch.Generator | None = None,
+    *,
+    checked: bool = False,
 ) -> torch.Tensor:
     """The training target of each image from its raters (see the module docstring).
 
@@ -156,6 +113,7 @@ def fuse_raters(
         method: one of :data:`FUSIONS`.
         smoothing: eps of ``"label_smoothing"``, in [0, 1).
         generator: randomness of ``"random"`` and ``"label_smoothing"``.
+        checked: as in :func:`random_rater`.
 
     Returns:
         (B, K, H, W) float32 maps summing to 1 over K at every pixel.
@@ -165,18 +123,39 @@ def fuse_raters(
     if masks.ndim != 4:
         raise ValueError(f"expected rater masks of shape (B, R, H, W), got {tuple(masks.shape)}")
     if method in ("random", "label_smoothing"):
-        target = one_hot(random_rater(masks, rater_mask, generator), num_classes)
+        target = one_hot(random_rater(masks, rater_mask, generator, checked=checked), num_classes)
         if method == "label_smoothing":
             if not 0 <= smoothing < 1:
                 raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
             target = (1 - smoothing) * target + smoothing / num_classes
         return target
-    present = _present(masks, rater_mask)
+    present = _present(masks, rater_mask, checked)
     if method == "majority":
         return one_hot(majority_vote(masks, present, num_classes), num_classes)
     if method == "mean":
         weights = present.float() / present.sum(1, keepdim=True)
     else:
-        weights = rater_weights(masks, present, num_classes)
+        weights = rater_weights(masks, present, num_classes, checked=True)
     masks = torch.where(present[:, :, None, None], masks, 0)  # absent slots may hold any filler
     return torch.einsum("br,brkhw->bkhw", weights, one_hot(masks, num_classes))
+
+
+def training_target(
+    masks: torch.Tensor,
+    rater_mask: torch.Tensor | None = None,
+    num_classes: int = 2,
+    method: str = "random",
+    smoothing: float = 0.1,
+    generator: torch.Generator | None = None,
+    *,
+    checked: bool = False,
+) -> torch.Tensor:
+    """The target a model learns from: (B, H, W) class ids for the hard fusions ``"random"`` and
+    ``"majority"`` (the cross-entropy of class ids equals that of their one-hot maps, without
+    building them), (B, K, H, W) probabilities from :func:`fuse_raters` otherwise. Arguments as
+    in :func:`fuse_raters`."""
+    if method == "random":
+        return random_rater(masks, rater_mask, generator, checked=checked)
+    if method == "majority":
+        return majority_vote(masks, rater_mask, num_classes)
+    return fuse_raters(masks, rater_mask, num_classes, method, smoothing, generator, checked=checked)

@@ -47,6 +47,7 @@ import torch
 from kornia.geometry.transform import get_affine_matrix2d, warp_affine
 
 from probseg._config import optional_component
+from probseg.data.batch import check_batch_layout
 
 Range = tuple[float, float]
 
@@ -208,7 +209,7 @@ class PaperAugmentation(torch.nn.Module):
             - image: (B, C, H, W)
             - masks: (B, R, H, W)
         """
-        image, masks = _check_batch(batch)
+        image, masks = check_batch_layout(batch)
         b, _, h, w = image.shape
         if params is None:
             drawn = self.sample_parameters(b, image.device, generator)
@@ -226,32 +227,6 @@ class PaperAugmentation(torch.nn.Module):
         if "gamma" in p:
             out = _gamma(out, p["gamma"].to(out.dtype).view(b, 1, 1, 1))
         return {**batch, "image": out.to(image.dtype), "masks": masks}
-
-
-def _check_batch(batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate the batch's ``image`` and ``masks``; returns them."""
-    if not isinstance(batch, Mapping):
-        raise TypeError(f"batch must be a dict with 'image' and 'masks', got {type(batch).__name__}")
-    for key in ("image", "masks"):
-        if key not in batch:
-            raise KeyError(f"batch has no {key!r} entry (keys: {sorted(batch)})")
-        if not isinstance(batch[key], torch.Tensor):
-            raise TypeError(f"batch[{key!r}] must be a torch.Tensor, got {type(batch[key]).__name__}")
-    image, masks = batch["image"], batch["masks"]
-    if image.ndim != 4 or not image.is_floating_point():
-        raise ValueError(f"batch['image'] must be a (B, C, H, W) float tensor, got {image.dtype} {tuple(image.shape)}")
-    if masks.ndim != 4 or masks.is_floating_point() or masks.is_complex():
-        raise ValueError(
-            f"batch['masks'] must be a (B, R, H, W) integer tensor, got {masks.dtype} {tuple(masks.shape)}"
-        )
-    if (image.shape[0], *image.shape[2:]) != (masks.shape[0], *masks.shape[2:]):
-        raise ValueError(
-            f"batch['image'] {tuple(image.shape)} and batch['masks'] {tuple(masks.shape)} "
-            "must agree in B, H and W"
-        )
-    if image.device != masks.device:
-        raise ValueError(f"batch['image'] is on {image.device} but batch['masks'] on {masks.device}")
-    return image, masks
 
 
 def _check_params(params: Mapping[str, Any], batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -76,7 +76,10 @@ class GaussianEncoder(nn.Module):
             mu, raw_log_sigma = self.head(features).chunk(2, dim=-1)
         b = self.log_sigma_bound
         log_sigma = b * torch.tanh(raw_log_sigma / b)
-        return Independent(Normal(mu, log_sigma.exp()), 1)
+        # No argument validation: sigma = exp(bounded) is positive by construction, and the
+        # validation reads values back to the host (a synchronisation per distribution and per
+        # log_prob); a non-finite mu surfaces as a non-finite loss term, which the task names.
+        return Independent(Normal(mu, log_sigma.exp(), validate_args=False), 1, validate_args=False)
 
     def forward(self, x: torch.Tensor) -> Independent:
         return self.distribution(self.encode(x))

@@ -69,7 +69,7 @@ CLASS_SELECTIONS = ("all", "present")
 
 def check_probability_maps(pred: torch.Tensor, target: torch.Tensor | None = None) -> None:
     """``pred`` (and ``target``) must be (B, K, H, W) floating maps with values in [0, 1]."""
-    from probseg.metrics.functional._checks import check_probabilities
+    from probseg._ops import check_probabilities
 
     for name, x in (("pred", pred), ("target", target)):
         if x is None:

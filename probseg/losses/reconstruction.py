@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probseg.data.fusion import one_hot
+from probseg._ops import one_hot
 from probseg.losses import functional as L
 
 COMPONENTS = ("ce", *L.REGION_LOSSES, "uniform_kl", "mse")

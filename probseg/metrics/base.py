@@ -15,7 +15,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from probseg.metrics.functional._checks import accumulation_dtype
+from probseg._ops import accumulation_dtype
 
 NO_INDEX = -1
 """Index stored for images whose dataset index is unknown (never deduplicated)."""

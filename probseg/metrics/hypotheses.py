@@ -17,9 +17,9 @@ from typing import Any, Sequence
 
 import torch
 
+from probseg._ops import check_probabilities
 from probseg.metrics import functional as F
 from probseg.metrics.base import PerImageMetric
-from probseg.metrics.functional._checks import check_probabilities
 
 METRIC_NAMES = ("hm_iou", "hm_dice", "hm_hausdorff", "hm_ce", "ged", "diversity", "ece", "dice", "bdice", "gini")
 """Every name :class:`HypothesisMetrics` can report, in table order."""

@@ -1,5 +1,6 @@
 """The zoo: :data:`MODELS` maps registry names to LightningModule classes."""
 
+import probseg.distillation  # noqa: F401  (registers the optional objective "distillation")
 from probseg.models.base import ProbSegModel
 from probseg.models.csae import ConditionalSinkhornAutoencoder
 from probseg.models.planar import PlanarProbUNet

@@ -1,47 +1,46 @@
-"""Base LightningModule of the zoo: steps, logging, optimizer, checkpoint metadata.
+"""The task: the one LightningModule of the zoo, composing a network and objectives.
 
-A zoo model implements three things:
+A zoo model is a small subclass (one file per model, see :mod:`probseg.models.punet`) that
+declares only its own arguments, builds its :class:`~probseg.models.network.Network` as
+``self.network`` and lists its own :class:`~probseg.models.objectives.Objective`s in
+``self.objectives``; everything shared is declared here once:
 
-* ``__init__``: build its networks from plain arguments (scalars, strings, lists) and call
-  ``self.save_hyperparameters()``, so checkpoints reload with ``weights_only=True``;
-* :meth:`ProbSegModel.loss_terms`: a dict of named, already weighted scalar loss terms; the base
-  class sums them into ``loss`` and logs each as ``"{stage}/{name}"``;
-* :meth:`ProbSegModel.sample`: S segmentation hypotheses per image as (B, S, K, H, W) logits.
+* the shared training options (below), saved with the model's own ones as flat hyperparameters,
+  so checkpoints reload with ``weights_only=True`` and YAML configs stay flat;
+* the step: one batch check (:func:`probseg.data.batch.check_batch`), the fused target and the
+  reconstruction (:class:`~probseg.models.objectives.Reconstruction`), the model's objectives, the
+  optional objectives its configuration adds (e.g. distillation), each term logged as
+  ``"{stage}/{name}"``;
+* the optimizer, the non-finite guard and the checkpoint metadata.
 
-Knowledge distillation (``teacher`` + ``distillation`` arguments, :mod:`probseg.distillation`)
-is added here for every model: the base class adds the ``kd_*`` terms to the model's terms.
+Subclass arguments reach this class through ``**kwargs``; ``probseg fit --help`` lists both.
 """
 
 from __future__ import annotations
 
-import math
+import os
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 
-from probseg.data.fusion import FUSIONS, fuse_raters, majority_vote, random_rater
-from probseg.distillation import Distillation
+from probseg.checkpoint import CHECKPOINT_KEY
+from probseg.data.batch import check_batch
 from probseg.layers.gaussian import Generators
-from probseg.losses.reconstruction import ReconstructionLoss
+from probseg.models.network import Network
+from probseg.models.objectives import (
+    LossTerms,
+    Objective,
+    Reconstruction,
+    StepContext,
+    optional_objectives,
+)
 
-CHECKPOINT_KEY = "probseg"
-"""Key of the metadata dict a zoo checkpoint carries (model name, class path, version)."""
-
-
-class LossTerms(dict):
-    """The named, weighted scalar loss terms of a batch (a dict: the training loss is their sum),
-    plus ``diagnostics``: scalars that are logged as ``"{stage}/{name}"`` but not added to the loss
-    (e.g. the KL per latent dimension, the current KL weight)."""
-
-    def __init__(self, terms: dict[str, torch.Tensor] | None = None,
-                 diagnostics: dict[str, torch.Tensor] | None = None) -> None:
-        super().__init__(terms or {})
-        self.diagnostics: dict[str, torch.Tensor] = dict(diagnostics or {})
+__all__ = ["CHECKPOINT_KEY", "LossTerms", "ProbSegModel"]
 
 
 class ProbSegModel(pl.LightningModule):
-    """Shared training plumbing for probabilistic segmentation models.
+    """The task shared by every zoo model.
 
     Args:
         in_channels: image channels C.
@@ -69,6 +68,11 @@ class ProbSegModel(pl.LightningModule):
     """
 
     registry_name: ClassVar[str] = ""
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {}
+    """Hyperparameters a checkpoint written before they existed did not save, with the value that
+    gives the behaviour it was trained with; :func:`probseg.load_model` fills them in."""
+
+    network: Network
 
     def __init__(
         self,
@@ -95,38 +99,35 @@ class ProbSegModel(pl.LightningModule):
             raise ValueError(f"in_channels must be positive, got {in_channels}")
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2 (binary = 2), got {num_classes}")
+        # The shared arguments and the subclass's own (the frames above this one): flat hparams.
+        self.save_hyperparameters()
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.lr = lr
         self.weight_decay = weight_decay
         self.num_predict_samples = num_predict_samples
-        if fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
-        if not 0 <= label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.fusion = fusion
-        self.label_smoothing = label_smoothing
-        self.reconstruction = ReconstructionLoss(reconstruction, **(loss_options or {}))
-        # A plain object, not a submodule: the teacher stays out of the state dict and optimizer.
-        self.distiller = Distillation.from_config(teacher, distillation, num_classes, in_channels, loss_options)
-        self._predictive: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.reconstruction = Reconstruction(num_classes, fusion, label_smoothing, reconstruction, loss_options)
+        self.objectives: list[Objective] = []  # the model's own, set by the subclass
+        # Plain objects, not submodules: a teacher stays out of the state dict and optimizer.
+        self.extra_objectives = optional_objectives(dict(self.hparams))
+        self.register_load_state_dict_pre_hook(_nest_release_0_1_keys)
 
-    # --- what a model implements -------------------------------------------------------------
+    @property
+    def fusion(self) -> str:
+        return self.reconstruction.fusion
 
-    def loss_terms(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Named, weighted scalar loss terms of a batch; their sum is the training loss. A model
-        may return :class:`LossTerms` to log diagnostics next to them.
+    @property
+    def label_smoothing(self) -> float:
+        return self.reconstruction.label_smoothing
 
-        Args:
-            batch: a batch dict (see :mod:`probseg.data.base`).
-            generator: source of every random draw (rater choice, latent samples); None uses
-                torch's global RNG, which Lightning seeds.
-        """
-        raise NotImplementedError
+    @property
+    def distiller(self) -> Objective | None:
+        """The distillation objective (:class:`probseg.distillation.Distillation`), if configured."""
+        return next((o for o in self.extra_objectives if o.name == "distillation"), None)
 
-    def sample(
-        self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None
-    ) -> torch.Tensor:
+    # --- what the network answers ------------------------------------------------------------
+
+    def sample(self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None) -> torch.Tensor:
         """Draw segmentation hypotheses.
 
         Args:
@@ -138,118 +139,65 @@ class ProbSegModel(pl.LightningModule):
         Returns:
             (B, S, K, H, W) logits.
         """
-        raise NotImplementedError
-
-    @property
-    def deterministic(self) -> bool:
-        """True when every hypothesis of an image is the same (e.g. a U-Net without dropout)."""
-        return False
-
-    def predictive_log_probabilities(
-        self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None
-    ) -> torch.Tensor:
-        """Log of the pixel-wise predictive probabilities, the mean softmax of ``num_samples``
-        hypotheses (one for a deterministic model), (B, K, H, W), differentiable.
-
-        Within a training step, a model that cached this step's predictions with
-        :meth:`remember_predictive` gets them back instead of running again.
-        """
-        cached, self._predictive = self._predictive, None
-        if cached is not None and cached[0] is images:
-            return cached[1]
-        samples = self.sample(images, 1 if self.deterministic else num_samples, generator)
-        log_probs = samples.float().log_softmax(dim=2)
-        return log_probs[:, 0] if log_probs.shape[1] == 1 else log_probs.logsumexp(dim=1) - math.log(log_probs.shape[1])
-
-    def remember_predictive(self, images: torch.Tensor, log_probs: torch.Tensor) -> None:
-        """Cache this step's predictive log-probabilities of ``images`` (for a deterministic
-        student, the distillation terms then reuse the reconstruction's forward pass)."""
-        self._predictive = (images, log_probs) if self.distiller is not None else None
-
-    def distillation_terms(
-        self, batch: dict[str, Any], generator: torch.Generator | None = None, stage: str = "train"
-    ) -> dict[str, torch.Tensor]:
-        """The ``kd_*`` terms of a batch against the (calibrated) teacher.
-
-        At validation it also logs the teacher's ECE (``val/teacher_ece``) and, with a KDE, the
-        ECE of the distillation target after calibration (and label smoothing, if set) as
-        ``val/teacher_kde_ece``.
-        """
-        assert self.distiller is not None
-        images = batch["image"]
-        raw, target = self.distiller.targets(batch, generator)
-        log_probs = self.predictive_log_probabilities(images, self.distiller.student_samples, generator)
-        if stage == "val":
-            from probseg.metrics.functional import expected_calibration_error
-
-            masks, rater_mask = batch["masks"], batch.get("rater_mask")
-            ece = {f"{stage}/teacher_ece": raw}
-            if self.distiller.kde is not None:
-                ece[f"{stage}/teacher_kde_ece"] = target
-            self.log_dict({k: expected_calibration_error(v[:, None], masks, rater_mask).mean() for k, v in ece.items()},
-                          on_epoch=True, batch_size=images.shape[0], sync_dist=True)
-        return self.distiller.terms(log_probs, target)
-
-    def prior_sigmas(self, images: torch.Tensor) -> torch.Tensor | None:
-        """Singular values of the prior p(z|x), (B, L), for the Gini index; None for a model
-        without a latent prior."""
-        return None
-
-    # --- shared plumbing ---------------------------------------------------------------------
+        return self.network.sample(images, num_samples, generator)
 
     def forward(self, images: torch.Tensor, num_samples: int = 1) -> torch.Tensor:
         """Alias of :meth:`sample`: (B, C, H, W) -> (B, S, K, H, W) logits."""
         return self.sample(images, num_samples)
 
+    @property
+    def deterministic(self) -> bool:
+        """True when every hypothesis of an image is the same (e.g. a U-Net without dropout)."""
+        return self.network.deterministic
+
+    def prior_sigmas(self, images: torch.Tensor) -> torch.Tensor | None:
+        """Singular values of the prior p(z|x), (B, L), for the Gini index; None for a model
+        without a latent prior."""
+        return self.network.prior_sigmas(images)
+
+    def predictive_log_probabilities(self, images: torch.Tensor, num_samples: int = 16,
+                                     generator: Generators = None) -> torch.Tensor:
+        """Log of the pixel-wise predictive probabilities, the mean softmax of ``num_samples``
+        hypotheses (one for a deterministic model), (B, K, H, W), differentiable."""
+        return self.network.predictive_log_probabilities(images, num_samples, generator)
+
+    # --- loss terms --------------------------------------------------------------------------
+
     def training_target(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """The target the model learns from in this step, by ``fusion``: (B, H, W) class ids for
         the hard fusions "random" and "majority", (B, K, H, W) probabilities otherwise."""
-        masks, rater_mask = batch["masks"], batch.get("rater_mask")
-        if self.fusion == "random":
-            return random_rater(masks, rater_mask, generator)
-        if self.fusion == "majority":
-            return majority_vote(masks, rater_mask, self.num_classes)
-        return fuse_raters(masks, rater_mask, self.num_classes, self.fusion, self.label_smoothing, generator)
+        return self.reconstruction.target(batch, generator)
 
     def reconstruction_terms(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """The weighted reconstruction components ``rec_<name>`` of logits against a target."""
-        return self.reconstruction(logits, target)
+        return self.reconstruction.loss(logits, target)
 
     def check_batch(self, batch: dict[str, Any]) -> None:
-        """Raise a clear error when a batch does not follow the library's batch format."""
-        missing = [k for k in ("image", "masks") if k not in batch]
-        if missing:
-            raise KeyError(f"batch is missing {missing}; batches are dicts with 'image' and 'masks'")
-        image, masks = batch["image"], batch["masks"]
-        if image.ndim != 4 or image.shape[1] != self.in_channels:
-            raise ValueError(
-                f"batch['image'] must be (B, {self.in_channels}, H, W), got {tuple(image.shape)}"
-            )
-        if masks.ndim != 4 or masks.shape[0] != image.shape[0] or masks.shape[-2:] != image.shape[-2:]:
-            raise ValueError(
-                f"batch['masks'] must be (B, R, H, W) matching image {tuple(image.shape)}, got {tuple(masks.shape)}"
-            )
-        if masks.is_floating_point() or masks.dtype == torch.bool:
-            raise TypeError(f"batch['masks'] must hold integer class ids, got dtype {masks.dtype}")
-        low, high = torch.stack(torch.aminmax(masks)).tolist()  # one reduction, one host sync
-        if low < 0 or high >= self.num_classes:
-            raise ValueError(
-                f"batch['masks'] holds class ids in [{low}, {high}], outside [0, {self.num_classes - 1}] "
-                f"for num_classes={self.num_classes}"
-            )
-        if not image.is_floating_point():
-            raise TypeError(f"batch['image'] must be floating point, got dtype {image.dtype}")
-        finite = torch.isfinite(image.flatten(1)).all(dim=1)
-        if not bool(finite.all()):
-            i = int((~finite).nonzero()[0])
-            name = batch["id"][i] if isinstance(batch.get("id"), (list, tuple)) else f"number {i} of the batch"
-            raise ValueError(f"batch['image'] of image {name} holds NaN or Inf")
-        rater_mask = batch.get("rater_mask")
-        if rater_mask is not None and (rater_mask.shape != masks.shape[:2] or rater_mask.dtype != torch.bool):
-            raise ValueError(
-                f"batch['rater_mask'] must be a (B, R) = {tuple(masks.shape[:2])} bool tensor, got "
-                f"{tuple(rater_mask.shape)} {rater_mask.dtype}"
-            )
+        """Raise a clear error when a batch does not follow the batch contract
+        (:mod:`probseg.data.batch`); one host synchronisation."""
+        check_batch(batch, self.in_channels, self.num_classes)
+
+    def loss_terms(self, batch: dict[str, Any], generator: torch.Generator | None = None, *,
+                   stage: str | None = None, checked: bool = False) -> LossTerms:
+        """Named, weighted scalar loss terms of a batch; their sum is the training loss.
+
+        Args:
+            batch: a batch dict (see :mod:`probseg.data.batch`).
+            generator: source of every random draw (rater choice, latent samples); None uses
+                torch's global RNG, which Lightning seeds.
+            stage: "train", "val" or "test" adds the optional objectives (e.g. distillation) for
+                that stage; None (default) gives the model's own terms only.
+            checked: the batch already passed :meth:`check_batch`.
+        """
+        target = self.reconstruction.target(batch, generator, checked=checked)
+        outputs = self.network(batch, target, generator)
+        context = StepContext(batch, target, outputs, self.network, generator, self.training, self.global_step, stage)
+        terms = LossTerms()
+        for objective in [self.reconstruction, *self.objectives, *(self.extra_objectives if stage else ())]:
+            terms.add(objective(context))
+        return terms
+
+    # --- shared plumbing ---------------------------------------------------------------------
 
     def _step(self, batch: dict[str, Any], stage: str, batch_idx: int) -> torch.Tensor:
         self.check_batch(batch)
@@ -259,10 +207,7 @@ class ProbSegModel(pl.LightningModule):
             # the same weights (fair checkpoint selection), and validating does not consume the
             # training RNG, so validation settings never change the training run.
             generator = torch.Generator(device=batch["image"].device).manual_seed(batch_idx)
-        terms = self.loss_terms(batch, generator)
-        if self.distiller is not None and stage != "test":  # test reports the model's own loss
-            terms.update(self.distillation_terms(batch, generator, stage))
-        self._predictive = None
+        terms = self.loss_terms(batch, generator, stage=stage, checked=True)
         values = torch.stack(list(terms.values()))
         loss = values.sum()
         if stage == "train":
@@ -274,7 +219,7 @@ class ProbSegModel(pl.LightningModule):
                 self._stop_on_non_finite(terms, batch)
         on_step = stage == "train"
         logged = {f"{stage}/{name}": value.detach() for name, value in terms.items()}
-        logged.update({f"{stage}/{name}": value.detach() for name, value in getattr(terms, "diagnostics", {}).items()})
+        logged.update({f"{stage}/{name}": value.detach() for name, value in terms.diagnostics.items()})
         rec = [value.detach() for name, value in terms.items() if name.startswith("rec_")]
         if rec:  # the whole reconstruction term, next to its components
             logged[f"{stage}/rec"] = torch.stack(rec).sum()
@@ -291,8 +236,6 @@ class ProbSegModel(pl.LightningModule):
         state and go to ``{default_root_dir}/checkpoints/non-finite-step<N>.ckpt``; when an update
         already made them non-finite, nothing is written and ``last.ckpt`` stays the good state.
         """
-        import os
-
         bad = {name: float(value.detach()) for name, value in terms.items() if not bool(torch.isfinite(value))}
         trainer = getattr(self, "_trainer", None)
         step = trainer.global_step if trainer is not None else -1
@@ -319,8 +262,8 @@ class ProbSegModel(pl.LightningModule):
             from probseg.distributed import diverge_per_rank
 
             diverge_per_rank(torch.initial_seed())
-            if self.distiller is not None:  # a missing or mismatched teacher fails before step 1
-                self.distiller.teacher_model(self.device)
+            for objective in self.extra_objectives:
+                objective.setup(self.device)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train", batch_idx)
@@ -340,13 +283,12 @@ class ProbSegModel(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from probseg import __version__
-
         from probseg.models.registry import MODELS
 
         if not self.hparams:
             raise RuntimeError(
-                f"{type(self).__qualname__} saved no hyperparameters: call self.save_hyperparameters() "
-                "in __init__ so probseg.load_model can rebuild it"
+                f"{type(self).__qualname__} saved no hyperparameters: call ProbSegModel.__init__ from __init__ "
+                "so probseg.load_model can rebuild it"
             )
         cls = type(self)
         # A subclass inherits registry_name; only a registered class may claim its name.
@@ -356,12 +298,22 @@ class ProbSegModel(pl.LightningModule):
             "class_path": f"{cls.__module__}.{cls.__qualname__}",
             "version": __version__,
         }
-        if self.distiller is not None:  # which teacher file this student learnt from
-            fingerprint = self.distiller.fingerprint or self.distiller.expected_fingerprint
-            if fingerprint:
-                checkpoint[CHECKPOINT_KEY]["teacher_sha256"] = fingerprint
+        for objective in self.extra_objectives:  # e.g. which teacher file a student learnt from
+            checkpoint[CHECKPOINT_KEY].update(objective.checkpoint_metadata())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.distiller is not None:
-            self.distiller.expected_fingerprint = checkpoint.get(CHECKPOINT_KEY, {}).get("teacher_sha256")
-            self.distiller.check_fingerprint()
+        for objective in self.extra_objectives:
+            objective.load_checkpoint_metadata(checkpoint.get(CHECKPOINT_KEY, {}))
+
+
+def _nest_release_0_1_keys(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load a release-0.1 state dict, whose network parts sat on the model itself (``unet.*``),
+    into today's layout (``network.unet.*``): a load_state_dict pre-hook of the task."""
+    network = getattr(module, "network", None)
+    if network is None:
+        return
+    parts = {name for name, _ in network.named_children()}
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        first = key[len(prefix):].split(".", 1)[0]
+        if first in parts:
+            state_dict[f"{prefix}network.{key[len(prefix):]}"] = state_dict.pop(key)

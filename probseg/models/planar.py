@@ -20,49 +20,41 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributions import Independent
 
 from probseg.layers import AmortizedPlanarFlow
 from probseg.layers.gaussian import sample_set
-from probseg.models.punet import ProbUNet
+from probseg.models.network import NetworkOutput
+from probseg.models.objectives import monte_carlo_kl, monte_carlo_kl_per_dim
+from probseg.models.punet import ProbUNet, ProbUNetNetwork
 from probseg.models.registry import register_model
 
+__all__ = ["PlanarProbUNet", "PlanarProbUNetNetwork", "monte_carlo_kl", "monte_carlo_kl_per_dim"]
 
-def monte_carlo_kl(
-    base: Independent, z0: torch.Tensor, log_det: torch.Tensor, z_k: torch.Tensor, prior: Independent
-) -> torch.Tensor:
-    """KL(q_K || p) per image from M flowed samples: mean of log q0(z0) - log|det J| - log p(zK).
 
-    Args:
-        base: q_0, batch (B,), event (L,).
-        z0: (B, M, L) samples of q_0.
-        log_det: (B, M) summed log|det J| of the flow at z0.
-        z_k: (B, M, L) flowed samples.
-        prior: p, batch (B,), event (L,).
+class PlanarProbUNetNetwork(ProbUNetNetwork):
+    """The PU-Net's parts plus a K-step planar flow on the posterior, amortized from the
+    posterior encoder's features.
 
-    Returns:
-        (B,) estimates.
+    Forward outputs: ``logits`` (from the first flowed posterior sample), ``posterior`` (the base
+    q_0), ``prior``, and ``posterior_flow = (z0, log_det, z_k)``: M base samples (B, M, L), their
+    summed log|det J| (B, M) and the flowed samples (B, M, L), for the Monte Carlo KL.
     """
-    # log_prob broadcasts a (M, B, L) value against batch (B,): move the set axis first.
-    log_q0 = base.log_prob(z0.transpose(0, 1)).transpose(0, 1)
-    log_p = prior.log_prob(z_k.transpose(0, 1)).transpose(0, 1)
-    return (log_q0 - log_det - log_p).mean(1)
 
+    def __init__(self, in_channels: int, num_classes: int, num_filters: list[int], convs_per_block: int,
+                 latent_dim: int, fcomb_layers: int, flow_steps: int, kl_samples: int) -> None:
+        super().__init__(in_channels, num_classes, num_filters, convs_per_block, latent_dim, fcomb_layers)
+        self.kl_samples = kl_samples
+        self.posterior_flow = AmortizedPlanarFlow(self.posterior.feature_dim, latent_dim, flow_steps)
 
-def monte_carlo_kl_per_dim(
-    base: Independent, z0: torch.Tensor, log_det: torch.Tensor, z_k: torch.Tensor, prior: Independent
-) -> torch.Tensor:
-    """The estimate of :func:`monte_carlo_kl` shared out over the L latent dimensions, (B, L).
-
-    A convention, not the KL of any one dimension: log q0(z0_d) and log p(zK_d) are the
-    axis-aligned densities' own terms, but a planar step mixes the dimensions, so its log|det J|
-    is shared out evenly (log_det / L each). The rows sum to :func:`monte_carlo_kl`. Used for the
-    per-dimension diagnostics and the free-bits floor; with few Monte Carlo samples an entry can
-    be negative, and the floor then acts on a noisy estimate.
-    """
-    log_q0 = base.base_dist.log_prob(z0.transpose(0, 1)).transpose(0, 1)  # (B, M, L)
-    log_p = prior.base_dist.log_prob(z_k.transpose(0, 1)).transpose(0, 1)
-    return (log_q0 - log_det.unsqueeze(-1) / z0.shape[-1] - log_p).mean(1)
+    def forward(self, batch: dict[str, Any], target: torch.Tensor,
+                generator: torch.Generator | None = None) -> NetworkOutput:
+        images, features, q_features = self.encode(batch, target)
+        base = self.posterior.distribution(q_features)
+        prior = self.prior(images)
+        z0 = sample_set(base, self.kl_samples, generator)  # (B, M, L)
+        z_k, log_det = self.posterior_flow(q_features, z0)
+        return {"logits": self.fcomb(features, z_k[:, 0]), "posterior": base, "prior": prior,
+                "posterior_flow": (z0, log_det, z_k)}
 
 
 @register_model("planar")
@@ -72,57 +64,20 @@ class PlanarProbUNet(ProbUNet):
     Args:
         flow_steps: K planar steps on the posterior (the paper: 2).
         kl_samples: M, Monte Carlo samples of the KL estimate.
-        kl_warmup_steps, free_bits: posterior-collapse remedies, as in :class:`ProbUNet` (free
-            bits floor :func:`monte_carlo_kl_per_dim`).
-        (other arguments, including ``teacher`` and ``distillation``, as in :class:`ProbUNet`)
+        **kwargs: the arguments of :class:`ProbUNet` (``kl_warmup_steps`` and ``free_bits``
+            included: free bits floor :func:`monte_carlo_kl_per_dim`) and the shared options.
 
     Loss terms: ``rec_<component>`` (the reconstruction from the first flowed posterior sample;
     by default ``rec_ce``, cross-entropy summed over pixels, mean over batch) and ``kl``
     (beta * Monte Carlo KL(q_K || p)).
     """
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        num_classes: int = 2,
-        num_filters: list[int] = [32, 64, 128, 192],  # noqa: B006
-        convs_per_block: int = 3,
-        latent_dim: int = 6,
-        fcomb_layers: int = 4,
-        beta: float = 1.0,
-        flow_steps: int = 2,
-        kl_samples: int = 1,
-        kl_warmup_steps: int = 0,
-        free_bits: float = 0.0,
-        fusion: str = "random",
-        label_smoothing: float = 0.1,
-        reconstruction: dict[str, float] | None = None,
-        loss_options: dict[str, Any] | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 5e-5,
-        num_predict_samples: int = 16,
-        teacher: str | None = None,
-        distillation: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, *, flow_steps: int = 2, kl_samples: int = 1, **kwargs: Any) -> None:
         if kl_samples < 1:
             raise ValueError(f"kl_samples must be at least 1, got {kl_samples}")
-        super().__init__(in_channels, num_classes, num_filters, convs_per_block, latent_dim, fcomb_layers, beta,
-                         kl_warmup_steps=kl_warmup_steps, free_bits=free_bits,
-                         fusion=fusion, label_smoothing=label_smoothing,
-                         reconstruction=reconstruction, loss_options=loss_options, teacher=teacher,
-                         distillation=distillation, lr=lr, weight_decay=weight_decay,
-                         num_predict_samples=num_predict_samples)
-        self.save_hyperparameters()
-        self.kl_samples = kl_samples
-        self.posterior_flow = AmortizedPlanarFlow(self.posterior.feature_dim, latent_dim, flow_steps)
+        super().__init__(**kwargs)
 
-    def loss_terms(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        images, target, features, q_features = self.encode_batch(batch, generator)
-        base = self.posterior.distribution(q_features)
-        prior = self.prior(images)
-        z0 = sample_set(base, self.kl_samples, generator)  # (B, M, L)
-        z_k, log_det = self.posterior_flow(q_features, z0)
-        logits = self.fcomb(features, z_k[:, 0])
-        kl = self.kl_terms(monte_carlo_kl(base, z0, log_det, z_k, prior),
-                           monte_carlo_kl_per_dim(base, z0, log_det, z_k, prior))
-        return self.combine_terms(self.reconstruction_terms(logits, target), kl)
+    def build_network(self) -> PlanarProbUNetNetwork:
+        hp = self.hparams
+        return PlanarProbUNetNetwork(self.in_channels, self.num_classes, hp.num_filters, hp.convs_per_block,
+                                     hp.latent_dim, hp.fcomb_layers, hp.flow_steps, hp.kl_samples)

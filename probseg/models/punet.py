@@ -35,12 +35,58 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributions import Independent, kl_divergence
 
 from probseg.layers import Combiner, PosteriorEncoder, PriorEncoder, UNet
 from probseg.layers.gaussian import Generators, sample_set
-from probseg.models.base import LossTerms, ProbSegModel
+from probseg.models.base import ProbSegModel
+from probseg.models.network import Network, NetworkOutput
+from probseg.models.objectives import KLDivergence
 from probseg.models.registry import register_model
+
+
+class ProbUNetNetwork(Network):
+    """The PU-Net's parts: U-Net, prior and posterior encoders, combiner.
+
+    Args:
+        in_channels, num_classes, num_filters, convs_per_block, latent_dim, fcomb_layers: as in
+            :class:`ProbUNet`.
+
+    Forward outputs: ``logits`` (from one reparameterized posterior sample), ``posterior`` and
+    ``prior`` (axis-aligned Normals, batch (B,), event (L,)), ``posterior_features`` (B, F), for
+    subclasses that amortize more from them.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, num_filters: list[int], convs_per_block: int,
+                 latent_dim: int, fcomb_layers: int) -> None:
+        super().__init__()
+        num_filters = list(num_filters)
+        self.unet = UNet(in_channels, num_filters, convs_per_block)
+        self.prior = PriorEncoder(in_channels, num_filters, convs_per_block, latent_dim)
+        self.posterior = PosteriorEncoder(in_channels, num_classes, num_filters, convs_per_block, latent_dim)
+        self.fcomb = Combiner(num_filters[0], latent_dim, num_classes, fcomb_layers)
+
+    def encode(self, batch: dict[str, Any], target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What every training pass starts from: images, the U-Net features (B, F, H, W) and the
+        posterior encoder's features of the target (B, feature_dim)."""
+        images = batch["image"]
+        return images, self.unet(images), self.posterior.features(images, target)
+
+    def forward(self, batch: dict[str, Any], target: torch.Tensor,
+                generator: torch.Generator | None = None) -> NetworkOutput:
+        images, features, q_features = self.encode(batch, target)
+        posterior = self.posterior.distribution(q_features)
+        prior = self.prior(images)
+        z = sample_set(posterior, 1, generator)[:, 0]  # reparameterized: gradients reach q
+        return {"logits": self.fcomb(features, z), "posterior": posterior, "prior": prior}
+
+    def prior_sigmas(self, images: torch.Tensor) -> torch.Tensor:
+        """The prior is axis-aligned, so its singular values are its standard deviations (B, L)."""
+        return self.prior(images).base_dist.scale
+
+    def sample(self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None) -> torch.Tensor:
+        features = self.unet(images)
+        z = sample_set(self.prior(images), num_samples, generator)
+        return self.fcomb(features, z)
 
 
 @register_model("punet")
@@ -48,8 +94,6 @@ class ProbUNet(ProbSegModel):
     """Probabilistic U-Net (registry name ``"punet"``).
 
     Args:
-        in_channels: image channels C.
-        num_classes: K (binary = 2).
         num_filters: U-Net and encoder channels per level (Kohl et al.: [32, 64, 128, 192]).
         convs_per_block: 3x3 convolutions per level (Kohl et al.: 3).
         latent_dim: L (Kohl et al. and the cSAE paper: 6).
@@ -59,10 +103,8 @@ class ProbUNet(ProbSegModel):
             steps (0: no warm-up). Validation and test always use ``beta``.
         free_bits: lambda, a floor in nats on the batch-mean KL of each latent dimension
             (0: off); see the module docstring.
-        fusion, label_smoothing, reconstruction, loss_options: the training target and the
-            reconstruction loss (default: one random rater, cross-entropy); see :class:`ProbSegModel`.
-        teacher, distillation: knowledge distillation (see :mod:`probseg.distillation`).
-        lr, weight_decay, num_predict_samples: see :class:`ProbSegModel`.
+        **kwargs: the shared options of :class:`~probseg.models.base.ProbSegModel` (``in_channels``,
+            ``num_classes``, ``fusion``, ``reconstruction``, ``lr``, ``teacher``, ...).
 
     Loss terms: ``rec_<component>`` (by default ``rec_ce``: cross-entropy, sum over pixels, mean
     over batch) and ``kl`` (beta * analytic KL(q || p), mean over batch). Diagnostics:
@@ -72,8 +114,7 @@ class ProbUNet(ProbSegModel):
 
     def __init__(
         self,
-        in_channels: int = 1,
-        num_classes: int = 2,
+        *,
         num_filters: list[int] = [32, 64, 128, 192],  # noqa: B006 (plain list for YAML and hparams)
         convs_per_block: int = 3,
         latent_dim: int = 6,
@@ -81,101 +122,15 @@ class ProbUNet(ProbSegModel):
         beta: float = 1.0,
         kl_warmup_steps: int = 0,
         free_bits: float = 0.0,
-        fusion: str = "random",
-        label_smoothing: float = 0.1,
-        reconstruction: dict[str, float] | None = None,
-        loss_options: dict[str, Any] | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 5e-5,
-        num_predict_samples: int = 16,
-        teacher: str | None = None,
-        distillation: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(in_channels, num_classes, lr, weight_decay, num_predict_samples, fusion=fusion,
-                         label_smoothing=label_smoothing, reconstruction=reconstruction, loss_options=loss_options,
-                         teacher=teacher, distillation=distillation)
-        self.save_hyperparameters()
-        if beta < 0:
-            raise ValueError(f"beta must be non-negative, got {beta}")
-        if kl_warmup_steps < 0:
-            raise ValueError(f"kl_warmup_steps must be non-negative, got {kl_warmup_steps}")
-        if free_bits < 0:
-            raise ValueError(f"free_bits must be non-negative (nats per latent dimension), got {free_bits}")
-        num_filters = list(num_filters)
-        self.beta = beta
-        self.kl_warmup_steps = kl_warmup_steps
-        self.free_bits = free_bits
-        self.unet = UNet(in_channels, num_filters, convs_per_block)
-        self.prior = PriorEncoder(in_channels, num_filters, convs_per_block, latent_dim)
-        self.posterior = PosteriorEncoder(in_channels, num_classes, num_filters, convs_per_block, latent_dim)
-        self.fcomb = Combiner(num_filters[0], latent_dim, num_classes, fcomb_layers)
+        super().__init__(**kwargs)
+        self.kl_objective = KLDivergence(beta, kl_warmup_steps, free_bits)
+        self.objectives = [self.kl_objective]
+        self.network = self.build_network()
 
-    def kl(self, posterior: Independent, prior: Independent) -> torch.Tensor:
-        """KL(q || p) per image, (B,), in closed form."""
-        return kl_divergence(posterior, prior)
-
-    def kl_per_dim(self, posterior: Independent, prior: Independent) -> torch.Tensor:
-        """KL(q_d || p_d) per image and latent dimension, (B, L), in closed form (the Normals are
-        axis-aligned, so the KL is the sum of these over d)."""
-        return kl_divergence(posterior.base_dist, prior.base_dist)
-
-    def kl_weight(self) -> float:
-        """The KL weight of this step: ``beta * min(1, step / kl_warmup_steps)`` in training with a
-        warm-up, ``beta`` otherwise (validation, test, or no warm-up)."""
-        if not self.training or self.kl_warmup_steps == 0:
-            return self.beta
-        return self.beta * min(1.0, self.global_step / self.kl_warmup_steps)
-
-    def kl_terms(self, per_image: torch.Tensor, per_dim: torch.Tensor) -> LossTerms:
-        """The weighted ``kl`` term and its diagnostics.
-
-        Args:
-            per_image: (B,) KL estimate per image (the loss without free bits).
-            per_dim: (B, L) the same split over latent dimensions (its sum over L is ``per_image``);
-                the free-bits floor applies to its batch mean per dimension.
-        """
-        weight = self.kl_weight()
-        dims = per_dim.mean(0)
-        if self.free_bits > 0:
-            kl = weight * dims.clamp_min(self.free_bits).sum()
-        else:
-            kl = weight * per_image.mean()
-        diagnostics = {f"kl_dim{d}": value for d, value in enumerate(dims.detach().unbind())}
-        if self.kl_warmup_steps and self.training:  # outside training the weight is beta
-            diagnostics["kl_weight"] = torch.tensor(weight, device=per_image.device)
-        return LossTerms({"kl": kl}, diagnostics)
-
-    def combine_terms(self, reconstruction: dict[str, torch.Tensor], kl: LossTerms,
-                      **others: torch.Tensor) -> LossTerms:
-        """Reconstruction terms, the ``kl`` terms (with their diagnostics) and any other terms."""
-        return LossTerms({**reconstruction, **kl, **others}, kl.diagnostics)
-
-    def encode_batch(
-        self, batch: dict[str, Any], generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What every training step starts from: images, the fused target ((B, H, W) class ids or
-        (B, K, H, W) probabilities), the U-Net features (B, F, H, W) and the posterior encoder's
-        features (B, feature_dim)."""
-        images = batch["image"]
-        target = self.training_target(batch, generator)
-        return images, target, self.unet(images), self.posterior.features(images, target)
-
-    def loss_terms(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        images, target, features, q_features = self.encode_batch(batch, generator)
-        posterior = self.posterior.distribution(q_features)
-        prior = self.prior(images)
-        z = sample_set(posterior, 1, generator)[:, 0]  # reparameterized: gradients reach q
-        logits = self.fcomb(features, z)
-        kl = self.kl_terms(self.kl(posterior, prior), self.kl_per_dim(posterior, prior))
-        return self.combine_terms(self.reconstruction_terms(logits, target), kl)
-
-    def prior_sigmas(self, images: torch.Tensor) -> torch.Tensor:
-        """The prior is axis-aligned, so its singular values are its standard deviations (B, L)."""
-        return self.prior(images).base_dist.scale
-
-    def sample(
-        self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None
-    ) -> torch.Tensor:
-        features = self.unet(images)
-        z = sample_set(self.prior(images), num_samples, generator)
-        return self.fcomb(features, z)
+    def build_network(self) -> ProbUNetNetwork:
+        """The network of this model from its hyperparameters (subclasses build a larger one)."""
+        hp = self.hparams
+        return ProbUNetNetwork(self.in_channels, self.num_classes, hp.num_filters, hp.convs_per_block, hp.latent_dim,
+                               hp.fcomb_layers)

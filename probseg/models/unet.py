@@ -22,56 +22,31 @@ from torch import nn
 from probseg.layers import UNet, channel_dropout_masks, check_image
 from probseg.layers.gaussian import Generators
 from probseg.models.base import ProbSegModel
+from probseg.models.network import Network, NetworkOutput
 from probseg.models.registry import register_model
 
 DROPOUT_POSITIONS = ("head", "decoder")
 
 
-@register_model("unet")
-class UNetBaseline(ProbSegModel):
-    """U-Net with a 1x1 head (registry name ``"unet"``).
+class UNetNetwork(Network):
+    """The zoo's U-Net generator and a 1x1 head, with optional MC-dropout hypotheses.
 
     Args:
-        in_channels: image channels C.
-        num_classes: K (binary = 2).
-        num_filters: channels per level (the zoo's PU-Net generator: [32, 64, 128, 192]).
-        convs_per_block: 3x3 convolutions per level.
-        dropout: channel-dropout probability of MC dropout (0: deterministic).
-        dropout_position: "head" (the last feature map only: the U-Net runs once per image and
-            the S hypotheses cost one 1x1 convolution each) or "decoder" (also the input of every
-            up block: the decoder runs once per hypothesis, on a batch of B * S).
-        fusion, label_smoothing, reconstruction, loss_options, teacher, distillation, lr,
-            weight_decay, num_predict_samples: see :class:`ProbSegModel`.
+        in_channels, num_classes, num_filters, convs_per_block, dropout, dropout_position: as in
+            :class:`UNetBaseline`.
 
-    Loss terms: ``rec_<component>`` (and ``kd_<component>`` when distilling).
+    Forward outputs: ``logits`` (B, K, H, W), with one dropout draw in training mode and none in
+    evaluation mode.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        num_classes: int = 2,
-        num_filters: list[int] = [32, 64, 128, 192],  # noqa: B006 (plain list for YAML and hparams)
-        convs_per_block: int = 3,
-        dropout: float = 0.0,
-        dropout_position: str = "head",
-        fusion: str = "random",
-        label_smoothing: float = 0.1,
-        reconstruction: dict[str, float] | None = None,
-        loss_options: dict[str, Any] | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 5e-5,
-        num_predict_samples: int = 16,
-        teacher: str | None = None,
-        distillation: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(in_channels, num_classes, lr, weight_decay, num_predict_samples, fusion=fusion,
-                         label_smoothing=label_smoothing, reconstruction=reconstruction, loss_options=loss_options,
-                         teacher=teacher, distillation=distillation)
-        self.save_hyperparameters()
+    def __init__(self, in_channels: int, num_classes: int, num_filters: list[int], convs_per_block: int,
+                 dropout: float = 0.0, dropout_position: str = "head") -> None:
+        super().__init__()
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if dropout_position not in DROPOUT_POSITIONS:
             raise ValueError(f"dropout_position must be one of {DROPOUT_POSITIONS}, got {dropout_position!r}")
+        self.in_channels = in_channels
         self.dropout = float(dropout)
         self.dropout_position = dropout_position
         self.unet = UNet(in_channels, list(num_filters), convs_per_block)
@@ -107,15 +82,48 @@ class UNetBaseline(ProbSegModel):
         logits = torch.einsum("bsf,kf,bfhw->bskhw", masks, weight, features)
         return logits + self.head.bias.to(features.dtype)[None, None, :, None, None]
 
-    def loss_terms(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        target = self.training_target(batch, generator)
-        images = batch["image"]
-        logits = self.logits(images, 1, generator, dropout=self.training)[:, 0]
-        # The distillation terms reuse this forward pass instead of running the network again,
-        # when it is the predictive: deterministic, or one MC-dropout draw asked for.
-        if self.deterministic or (self.distiller is not None and self.distiller.student_samples == 1):
-            self.remember_predictive(images, logits.float().log_softmax(dim=1))
-        return self.reconstruction_terms(logits, target)
+    def forward(self, batch: dict[str, Any], target: torch.Tensor,
+                generator: torch.Generator | None = None) -> NetworkOutput:
+        return {"logits": self.logits(batch["image"], 1, generator, dropout=self.training)[:, 0]}
 
     def sample(self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None) -> torch.Tensor:
         return self.logits(images, num_samples, generator, dropout=True)
+
+    def predictive_log_probabilities(self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None,
+                                     outputs: NetworkOutput | None = None) -> torch.Tensor:
+        """As :meth:`Network.predictive_log_probabilities`; this step's training pass is reused
+        when it is the predictive: a deterministic network, or one MC-dropout draw asked for."""
+        if outputs is not None and (self.deterministic or num_samples == 1):
+            return outputs["logits"].float().log_softmax(dim=1)
+        return super().predictive_log_probabilities(images, num_samples, generator)
+
+
+@register_model("unet")
+class UNetBaseline(ProbSegModel):
+    """U-Net with a 1x1 head (registry name ``"unet"``).
+
+    Args:
+        num_filters: channels per level (the zoo's PU-Net generator: [32, 64, 128, 192]).
+        convs_per_block: 3x3 convolutions per level.
+        dropout: channel-dropout probability of MC dropout (0: deterministic).
+        dropout_position: "head" (the last feature map only: the U-Net runs once per image and
+            the S hypotheses cost one 1x1 convolution each) or "decoder" (also the input of every
+            up block: the decoder runs once per hypothesis, on a batch of B * S).
+        **kwargs: the shared options of :class:`~probseg.models.base.ProbSegModel` (``in_channels``,
+            ``num_classes``, ``fusion``, ``reconstruction``, ``lr``, ``teacher``, ...).
+
+    Loss terms: ``rec_<component>`` (and ``kd_<component>`` when distilling).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_filters: list[int] = [32, 64, 128, 192],  # noqa: B006 (plain list for YAML and hparams)
+        convs_per_block: int = 3,
+        dropout: float = 0.0,
+        dropout_position: str = "head",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.network = UNetNetwork(self.in_channels, self.num_classes, num_filters, convs_per_block, dropout,
+                                   dropout_position)

@@ -145,7 +145,7 @@ def test_gini_callback_logs_the_mean_gini_of_the_batch_prior_sigmas_every_n_step
         callback.on_train_batch_end(trainer, model, None, batch, 0)
     assert [s for _, s in recorder.logged] == [1, 10, 20]
     with torch.no_grad():
-        sigma = model.prior(batch["image"]).base_dist.scale
+        sigma = model.network.prior(batch["image"]).base_dist.scale
     # Independent Gini: the mean absolute difference form, sum |x_i - x_j| / (2 L^2 mean(x)).
     gini = ((sigma[:, :, None] - sigma[:, None, :]).abs().sum((1, 2)) / (2 * sigma.shape[1] ** 2 * sigma.mean(1)))
     assert recorder.logged[0][0]["train/gini"] == pytest.approx(gini.mean().item(), abs=1e-6)

@@ -39,4 +39,4 @@ def test_compiling_the_generator_keeps_the_state_dict_keys() -> None:
     keys = list(model.state_dict())
     FastPaths(compile=True).setup(SimpleNamespace(), model, "fit")
     assert list(model.state_dict()) == keys
-    assert model.unet._compiled_call_impl is not None
+    assert model.network.unet._compiled_call_impl is not None

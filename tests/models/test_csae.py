@@ -19,10 +19,10 @@ def _make_model(kwargs: dict, seed: int = 0, **overrides) -> ConditionalSinkhorn
     torch.manual_seed(seed)
     model = ConditionalSinkhornAutoencoder(**{"num_ot_samples": 8, **kwargs, **overrides})
     with torch.no_grad():
-        for head in (model.prior.head, model.posterior.head):
+        for head in (model.network.prior.head, model.network.posterior.head):
             head.weight.normal_(0, 0.3)
             head.bias.normal_(0, 0.3)
-        for flow in (model.prior_flow, model.posterior_flow):
+        for flow in (model.network.prior_flow, model.network.posterior_flow):
             flow.params.weight.normal_(0, 0.5)
             flow.params.bias.normal_(0, 0.5)
     return model
@@ -103,7 +103,7 @@ def test_sample_ignores_flows_but_loss_does_not(tiny_punet_kwargs: dict, reconst
     with torch.no_grad():
         samples = model.sample(batch["image"], 4, torch.Generator().manual_seed(7))
         terms = model.loss_terms(batch, torch.Generator().manual_seed(7))
-        _perturb(model.prior_flow, model.posterior_flow)
+        _perturb(model.network.prior_flow, model.network.posterior_flow)
         samples_after = model.sample(batch["image"], 4, torch.Generator().manual_seed(7))
         terms_after = model.loss_terms(batch, torch.Generator().manual_seed(7))
     assert samples.shape == (2, 4, 2, SIZE, SIZE)
@@ -123,7 +123,7 @@ def test_sample_through_prior_flow_uses_only_the_prior_flow(tiny_punet_kwargs: d
     images = _batch()["image"]
     with torch.no_grad():
         samples = model.sample(images, 4, torch.Generator().manual_seed(7))
-        _perturb(getattr(model, flow))
+        _perturb(getattr(model.network, flow))
         samples_after = model.sample(images, 4, torch.Generator().manual_seed(7))
     assert samples.shape == samples_after.shape == (2, 4, 2, SIZE, SIZE)
     if changes:
@@ -141,8 +141,8 @@ def test_loss_terms_keys_finite_and_kl_is_base_kl(tiny_punet_kwargs: dict) -> No
     with torch.no_grad():
         terms = model.loss_terms(batch, torch.Generator().manual_seed(0))
         target = batch["masks"][torch.arange(2), torch.tensor([1, 2])]  # the only available raters
-        expected = kl_divergence(model.posterior(batch["image"], target), model.prior(batch["image"]))
-        other = kl_divergence(model.posterior(batch["image"], batch["masks"][:, 0]), model.prior(batch["image"]))
+        expected = kl_divergence(model.network.posterior(batch["image"], target), model.network.prior(batch["image"]))
+        other = kl_divergence(model.network.posterior(batch["image"], batch["masks"][:, 0]), model.network.prior(batch["image"]))
     assert set(terms) == {"rec_ce", "kl", "sinkhorn"}
     assert all(t.ndim == 0 and torch.isfinite(t) for t in terms.values())
     assert terms["sinkhorn"] > 0 and terms["rec_ce"] > 0
@@ -175,10 +175,10 @@ def test_loss_terms_sinkhorn_matches_flowed_samples(tiny_punet_kwargs: dict) -> 
         terms = model.loss_terms(batch, torch.Generator().manual_seed(4))
         g = torch.Generator().manual_seed(4)
         target = model.training_target(batch, g)
-        q_features = model.posterior.features(batch["image"], target)
-        p_features = model.prior.encode(batch["image"])
-        zq, _ = model.posterior_flow(q_features, sample_set(model.posterior.distribution(q_features), 8, g))
-        zp, _ = model.prior_flow(p_features, sample_set(model.prior.distribution(p_features), 8, g))
+        q_features = model.network.posterior.features(batch["image"], target)
+        p_features = model.network.prior.encode(batch["image"])
+        zq, _ = model.network.posterior_flow(q_features, sample_set(model.network.posterior.distribution(q_features), 8, g))
+        zp, _ = model.network.prior_flow(p_features, sample_set(model.network.prior.distribution(p_features), 8, g))
         per_image = torch.stack([sinkhorn_divergence(zq[b : b + 1], zp[b : b + 1])[0] for b in range(2)])
     torch.testing.assert_close(terms["sinkhorn"], 2.0 * per_image.mean(), rtol=1e-5, atol=1e-6)
 

@@ -25,11 +25,16 @@ SIZE = 32
 LATENT_MODELS = {"punet": ProbUNet, "planar": PlanarProbUNet, "csae": ConditionalSinkhornAutoencoder}
 
 
+def _kl_weight(model) -> float:
+    """The KL weight the model's objective uses at its current step and mode."""
+    return model.kl_objective.weight(model.global_step, model.training)
+
+
 def _model(name: str, seed: int = 0, **kwargs) -> ProbUNet:
     torch.manual_seed(seed)
     model = LATENT_MODELS[name](**{**TINY_PUNET, **({"num_ot_samples": 6} if name == "csae" else {}), **kwargs})
     with torch.no_grad():  # prior and posterior clearly apart, in every dimension
-        for head in (model.prior.head, model.posterior.head):
+        for head in (model.network.prior.head, model.network.posterior.head):
             head.weight.normal_(0, 0.3)
             head.bias.normal_(0, 0.5)
     return model
@@ -60,10 +65,10 @@ def test_kl_weight_anneals_linearly_in_training_and_is_beta_otherwise(name: str,
     model = _model(name, beta=2.0, kl_warmup_steps=100).train()
     for step, expected in [(0, 0.0), (25, 0.5), (50, 1.0), (100, 2.0), (1000, 2.0)]:
         _at_step(monkeypatch, step)
-        assert model.kl_weight() == pytest.approx(expected)
+        assert _kl_weight(model) == pytest.approx(expected)
     _at_step(monkeypatch, 25)
-    assert model.eval().kl_weight() == 2.0  # validation and test: the full beta
-    assert _model(name, beta=2.0).train().kl_weight() == 2.0  # no warm-up
+    assert _kl_weight(model.eval()) == 2.0  # validation and test: the full beta
+    assert _kl_weight(_model(name, beta=2.0).train()) == 2.0  # no warm-up
 
 
 def test_warm_up_scales_the_kl_term_and_logs_its_weight(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,8 +76,8 @@ def test_warm_up_scales_the_kl_term_and_logs_its_weight(monkeypatch: pytest.Monk
     model = _model("punet", beta=2.0, kl_warmup_steps=100).train()
     _at_step(monkeypatch, 30)
     terms = model.loss_terms(batch, torch.Generator().manual_seed(0))
-    posterior = model.posterior(batch["image"], batch["masks"][:, 0]).base_dist
-    prior = model.prior(batch["image"]).base_dist
+    posterior = model.network.posterior(batch["image"], batch["masks"][:, 0]).base_dist
+    prior = model.network.prior(batch["image"]).base_dist
     kl = _kl_normal(*(t.detach().double().numpy() for t in (posterior.loc, posterior.scale, prior.loc, prior.scale)))
     assert terms["kl"].item() == pytest.approx(2.0 * 0.3 * kl.sum(1).mean(), rel=1e-5)
     assert float(terms.diagnostics["kl_weight"]) == pytest.approx(0.6)
@@ -87,8 +92,8 @@ def test_free_bits_floor_the_batch_mean_kl_of_each_dimension(free_bits: float) -
     batch = _batch()
     model = _model("punet", beta=3.0, free_bits=free_bits)
     terms = model.loss_terms(batch, torch.Generator().manual_seed(0))
-    posterior = model.posterior(batch["image"], batch["masks"][:, 0]).base_dist
-    prior = model.prior(batch["image"]).base_dist
+    posterior = model.network.posterior(batch["image"], batch["masks"][:, 0]).base_dist
+    prior = model.network.prior(batch["image"]).base_dist
     kl = _kl_normal(*(t.detach().double().numpy() for t in (posterior.loc, posterior.scale, prior.loc, prior.scale)))
     per_dim = kl.mean(0)
     # the seed gives per-dimension KLs 0.751, 0.757, 1.460: the floors bind for 0, 1, 2 or 3 of them
@@ -103,10 +108,10 @@ def test_free_bits_leave_dimensions_below_the_floor_without_kl_gradient() -> Non
     batch = _batch()
     model = _model("punet", free_bits=1e3)  # every dimension below the floor
     model.loss_terms(batch, torch.Generator().manual_seed(0))["kl"].backward()
-    assert model.prior.head.weight.grad.abs().sum() == 0 and model.posterior.head.weight.grad.abs().sum() == 0
+    assert model.network.prior.head.weight.grad.abs().sum() == 0 and model.network.posterior.head.weight.grad.abs().sum() == 0
     model = _model("punet", free_bits=0.0)
     model.loss_terms(batch, torch.Generator().manual_seed(0))["kl"].backward()
-    assert model.prior.head.weight.grad.abs().sum() > 0
+    assert model.network.prior.head.weight.grad.abs().sum() > 0
 
 
 def test_planar_free_bits_floor_the_monte_carlo_kl_per_dimension() -> None:
@@ -117,11 +122,11 @@ def test_planar_free_bits_floor_the_monte_carlo_kl_per_dimension() -> None:
     # replay the draws: the rater draw, then the M base samples
     g = torch.Generator().manual_seed(0)
     target = model.training_target(batch, g)
-    q_features = model.posterior.features(batch["image"], target)
-    base = model.posterior.distribution(q_features)
+    q_features = model.network.posterior.features(batch["image"], target)
+    base = model.network.posterior.distribution(q_features)
     z0 = sample_set(base, 4, g)
-    z_k, log_det = model.posterior_flow(q_features, z0)
-    prior = model.prior(batch["image"])
+    z_k, log_det = model.network.posterior_flow(q_features, z0)
+    prior = model.network.prior(batch["image"])
     per_dim = monte_carlo_kl_per_dim(base, z0, log_det, z_k, prior)
     assert terms["kl"].item() == pytest.approx(1.5 * per_dim.detach().mean(0).clamp_min(0.2).sum().item(), rel=1e-5)
 
@@ -196,7 +201,7 @@ def test_aggregate_posterior_samples_equal_a_set_built_by_hand() -> None:
     batch = _batch(b=2, r=3, same_raters=False)
     batch["image"] = batch["image"].double()
     batch["rater_mask"] = torch.tensor([[True, False, True], [True, True, True]])
-    got = model.aggregate_posterior_samples(batch, torch.Generator().manual_seed(4))
+    got = model.network.aggregate_posterior_samples(batch, torch.Generator().manual_seed(4))
     g = torch.Generator().manual_seed(4)
     slots = rater_slots(batch["rater_mask"], 6, g)
     eps = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
@@ -204,10 +209,10 @@ def test_aggregate_posterior_samples_equal_a_set_built_by_hand() -> None:
     for b in range(2):
         for j in range(6):
             r = int(slots[b, j])
-            features = model.posterior.features(batch["image"][b : b + 1], batch["masks"][b : b + 1, r])
-            q = model.posterior.distribution(features).base_dist
+            features = model.network.posterior.features(batch["image"][b : b + 1], batch["masks"][b : b + 1, r])
+            q = model.network.posterior.distribution(features).base_dist
             z0 = q.loc + q.scale * eps[b, j]
-            expected[b, j] = model.posterior_flow(features, z0)[0][0]
+            expected[b, j] = model.network.posterior_flow(features, z0)[0][0]
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     assert not bool((slots[0] == 1).any())
 
@@ -217,15 +222,15 @@ def test_absent_raters_never_enter_the_sinkhorn_set() -> None:
     batch = _batch(b=2, r=3, same_raters=False)
     batch["image"] = batch["image"].double()
     batch["rater_mask"] = torch.tensor([[True, False, True], [False, True, True]])
-    a = model.aggregate_posterior_samples(batch, torch.Generator().manual_seed(1))
+    a = model.network.aggregate_posterior_samples(batch, torch.Generator().manual_seed(1))
     changed = dict(batch, masks=batch["masks"].clone())
     changed["masks"][0, 1] = 1 - changed["masks"][0, 1]  # absent raters' masks: anything
     changed["masks"][1, 0] = 1
-    b = model.aggregate_posterior_samples(changed, torch.Generator().manual_seed(1))
+    b = model.network.aggregate_posterior_samples(changed, torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     present = dict(batch, masks=batch["masks"].clone())
     present["masks"][0, 2] = 1 - present["masks"][0, 2]  # a present rater's mask: the set moves
-    assert not torch.allclose(a, model.aggregate_posterior_samples(present, torch.Generator().manual_seed(1)))
+    assert not torch.allclose(a, model.network.aggregate_posterior_samples(present, torch.Generator().manual_seed(1)))
 
 
 @pytest.mark.parametrize("reconstruct_from", ["base", "flowed"])
@@ -242,19 +247,19 @@ def test_csae_terms_per_reading_against_a_replay(reconstruct_from: str, sinkhorn
     g = torch.Generator().manual_seed(5)
     images = batch["image"]
     target = model.training_target(batch, g)
-    features, q_features = model.unet(images), model.posterior.features(images, target)
-    p_features = model.prior.encode(images)
-    posterior, prior = model.posterior.distribution(q_features), model.prior.distribution(p_features)
+    features, q_features = model.network.unet(images), model.network.posterior.features(images, target)
+    p_features = model.network.prior.encode(images)
+    posterior, prior = model.network.posterior.distribution(q_features), model.network.prior.distribution(p_features)
     if sinkhorn_posterior == "one_rater":
         z0 = sample_set(posterior, 6, g)
-        zq = model.posterior_flow(q_features, z0)[0]
+        zq = model.network.posterior_flow(q_features, z0)[0]
         z_rec = zq[:, 0] if reconstruct_from == "flowed" else z0[:, 0]
     else:
         z0 = sample_set(posterior, 1, g)
-        z_rec = model.posterior_flow(q_features, z0)[0][:, 0] if reconstruct_from == "flowed" else z0[:, 0]
-        zq = model.aggregate_posterior_samples(batch, g)
-    zp = model.prior_flow(p_features, sample_set(prior, 6, g))[0]
-    rec = model.reconstruction_terms(model.fcomb(features, z_rec), target)["rec_ce"]
+        z_rec = model.network.posterior_flow(q_features, z0)[0][:, 0] if reconstruct_from == "flowed" else z0[:, 0]
+        zq = model.network.aggregate_posterior_samples(batch, g)
+    zp = model.network.prior_flow(p_features, sample_set(prior, 6, g))[0]
+    rec = model.reconstruction_terms(model.network.fcomb(features, z_rec), target)["rec_ce"]
     torch.testing.assert_close(terms["rec_ce"], rec, rtol=1e-10, atol=1e-10)
     sinkhorn = 3.0 * sinkhorn_divergence(zq, zp).mean()  # GeomLoss computes in float32
     torch.testing.assert_close(terms["sinkhorn"].double(), sinkhorn.double(), rtol=1e-6, atol=1e-6)
@@ -298,7 +303,7 @@ def test_sinkhorn_gradient_reaches_every_present_raters_posterior_only() -> None
         model = _model("csae", sinkhorn_posterior="all_raters", beta=0.0).double()
         terms = model.loss_terms(dict(batch, masks=masks), torch.Generator().manual_seed(0))
         terms["sinkhorn"].backward()
-        return model.posterior.head.weight.grad.clone()
+        return model.network.posterior.head.weight.grad.clone()
 
     base = gradient(batch["masks"])
     assert base.abs().sum() > 0
@@ -311,8 +316,8 @@ def test_csae_free_bits_floor_the_base_kl_per_dimension() -> None:
     batch = _batch()
     model = _model("csae", beta=2.0, free_bits=0.9)
     terms = model.loss_terms(batch, torch.Generator().manual_seed(0))
-    posterior = model.posterior(batch["image"], batch["masks"][:, 0]).base_dist
-    prior = model.prior(batch["image"]).base_dist
+    posterior = model.network.posterior(batch["image"], batch["masks"][:, 0]).base_dist
+    prior = model.network.prior(batch["image"]).base_dist
     kl = _kl_normal(*(t.detach().double().numpy() for t in (posterior.loc, posterior.scale, prior.loc, prior.scale)))
     assert terms["kl"].item() == pytest.approx(2.0 * np.maximum(0.9, kl.mean(0)).sum(), rel=1e-5)
 
@@ -325,10 +330,10 @@ def test_resuming_a_release_0_1_csae_keeps_its_reading() -> None:
     path = Path(__file__).resolve().parents[1] / "fixtures" / "release_0.1" / "csae.ckpt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     model = ConditionalSinkhornAutoencoder(**{k: v for k, v in checkpoint["hyper_parameters"].items()})
-    assert model.reconstruct_from == "base"
+    assert model.network.reconstruct_from == "base"
     with pytest.warns(UserWarning, match="reconstruct_from"):
         model.on_load_checkpoint(checkpoint)
-    assert model.reconstruct_from == "flowed" and model.hparams["reconstruct_from"] == "flowed"
+    assert model.network.reconstruct_from == "flowed" and model.hparams["reconstruct_from"] == "flowed"
     again = ConditionalSinkhornAutoencoder(**checkpoint["hyper_parameters"], reconstruct_from="flowed")
     again.on_load_checkpoint({**checkpoint, "hyper_parameters": dict(again.hparams)})  # a new checkpoint: no change
-    assert again.reconstruct_from == "flowed"
+    assert again.network.reconstruct_from == "flowed"

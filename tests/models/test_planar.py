@@ -21,11 +21,11 @@ def _make_model(kwargs: dict, seed: int = 0, flow_scale: float = 0.5, **override
     torch.manual_seed(seed)
     model = PlanarProbUNet(**{**kwargs, **overrides})
     with torch.no_grad():
-        for head in (model.prior.head, model.posterior.head):
+        for head in (model.network.prior.head, model.network.posterior.head):
             head.weight.normal_(0, 0.3)
             head.bias.normal_(0, 0.3)
-        model.posterior_flow.params.weight.normal_(0, flow_scale)
-        model.posterior_flow.params.bias.normal_(0, flow_scale)
+        model.network.posterior_flow.params.weight.normal_(0, flow_scale)
+        model.network.posterior_flow.params.bias.normal_(0, flow_scale)
     return model
 
 
@@ -67,16 +67,16 @@ def test_identity_flow_monte_carlo_kl_converges_to_analytic(tiny_punet_kwargs: d
     m = 200_000
     model = _make_model(tiny_punet_kwargs)
     with torch.no_grad():
-        model.posterior_flow.params.weight.zero_()
-        model.posterior_flow.params.bias.zero_()
+        model.network.posterior_flow.params.weight.zero_()
+        model.network.posterior_flow.params.bias.zero_()
     batch = _batch()
     images, target = batch["image"], _target(batch)
     with torch.no_grad():
-        q_features = model.posterior.features(images, target)
-        base, prior = model.posterior.distribution(q_features), model.prior(images)
+        q_features = model.network.posterior.features(images, target)
+        base, prior = model.network.posterior.distribution(q_features), model.network.prior(images)
         g = torch.Generator().manual_seed(0)
         z0 = sample_set(base, m, g)
-        z_k, log_det = model.posterior_flow(q_features, z0)
+        z_k, log_det = model.network.posterior_flow(q_features, z0)
         assert torch.equal(z_k, z0) and torch.all(log_det == 0)
         estimate = monte_carlo_kl(base, z0, log_det, z_k, prior)
         analytic = kl_divergence(base, prior)
@@ -92,11 +92,11 @@ def test_identity_flow_monte_carlo_kl_converges_to_analytic(tiny_punet_kwargs: d
 def test_loss_terms_kl_with_identity_flow_converges_to_analytic(tiny_punet_kwargs: dict) -> None:
     model = _make_model(tiny_punet_kwargs, beta=2.0, kl_samples=100_000)
     with torch.no_grad():
-        model.posterior_flow.params.weight.zero_()
-        model.posterior_flow.params.bias.zero_()
+        model.network.posterior_flow.params.weight.zero_()
+        model.network.posterior_flow.params.bias.zero_()
         batch = _batch()
         terms = model.loss_terms(batch, torch.Generator().manual_seed(1))
-        analytic = kl_divergence(model.posterior(batch["image"], _target(batch)), model.prior(batch["image"]))
+        analytic = kl_divergence(model.network.posterior(batch["image"], _target(batch)), model.network.prior(batch["image"]))
     # generous: 2.0 * mean of two estimates whose SE is ~1e-2 / sqrt(1e5) relative to KL ~ O(1)
     torch.testing.assert_close(terms["kl"], 2.0 * analytic.mean(), rtol=2e-2, atol=2e-2)
 
@@ -115,10 +115,10 @@ def test_loss_terms_kl_matches_independent_estimate(tiny_punet_kwargs: dict, kl_
     target = model.training_target(batch, g)
     assert torch.equal(target, _target(batch))
     with torch.no_grad():
-        q_features = model.posterior.features(batch["image"], target)
-        base, prior = model.posterior.distribution(q_features), model.prior(batch["image"])
+        q_features = model.network.posterior.features(batch["image"], target)
+        base, prior = model.network.posterior.distribution(q_features), model.network.prior(batch["image"])
         z0 = sample_set(base, kl_samples, g)
-        steps = model.posterior_flow.step_parameters(q_features)
+        steps = model.network.posterior_flow.step_parameters(q_features)
     per_image = []
     for b in range(z0.shape[0]):
         image_steps = [(u[b], w[b], bb[b]) for u, w, bb in steps]
@@ -138,7 +138,7 @@ def test_loss_terms_kl_matches_independent_estimate(tiny_punet_kwargs: dict, kl_
     expected = 1.5 * torch.stack(per_image).mean()
     torch.testing.assert_close(terms["kl"].detach(), expected, rtol=1e-7, atol=1e-9)
     # and the monte_carlo_kl function itself on those samples, per image
-    z_k, log_det = model.posterior_flow(q_features, z0)
+    z_k, log_det = model.network.posterior_flow(q_features, z0)
     torch.testing.assert_close(monte_carlo_kl(base, z0, log_det, z_k, prior).detach(), torch.stack(per_image))
 
 
@@ -147,10 +147,10 @@ def test_flowed_kl_differs_from_base_kl(tiny_punet_kwargs: dict) -> None:
     model = _make_model(tiny_punet_kwargs)
     batch = _batch()
     with torch.no_grad():
-        q_features = model.posterior.features(batch["image"], _target(batch))
-        base, prior = model.posterior.distribution(q_features), model.prior(batch["image"])
+        q_features = model.network.posterior.features(batch["image"], _target(batch))
+        base, prior = model.network.posterior.distribution(q_features), model.network.prior(batch["image"])
         z0 = sample_set(base, 4, torch.Generator().manual_seed(0))
-        z_k, log_det = model.posterior_flow(q_features, z0)
+        z_k, log_det = model.network.posterior_flow(q_features, z0)
         flowed = monte_carlo_kl(base, z0, log_det, z_k, prior)
         plain = monte_carlo_kl(base, z0, torch.zeros_like(log_det), z0, prior)
     assert (flowed - plain).abs().max() > 1e-2
@@ -197,7 +197,7 @@ def test_sample_ignores_posterior_flow(tiny_punet_kwargs: dict) -> None:
     images = _batch()["image"]
     with torch.no_grad():
         before = model.sample(images, 4, torch.Generator().manual_seed(9))
-        for p in model.posterior_flow.parameters():
+        for p in model.network.posterior_flow.parameters():
             p.add_(torch.randn_like(p))
         after = model.sample(images, 4, torch.Generator().manual_seed(9))
     assert before.shape == (2, 4, 2, SIZE, SIZE)
@@ -209,7 +209,7 @@ def test_posterior_flow_perturbation_changes_loss(tiny_punet_kwargs: dict) -> No
     batch = _batch()
     with torch.no_grad():
         before = model.loss_terms(batch, torch.Generator().manual_seed(9))
-        for p in model.posterior_flow.parameters():
+        for p in model.network.posterior_flow.parameters():
             p.add_(torch.randn_like(p))
         after = model.loss_terms(batch, torch.Generator().manual_seed(9))
     assert not torch.allclose(before["kl"], after["kl"])

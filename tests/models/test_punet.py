@@ -9,12 +9,18 @@ import pytest
 import torch
 from torch.distributions import Independent, Normal
 
-from probseg.data import SyntheticDataModule
 import probseg.models.punet as punet_module
+from probseg.data import SyntheticDataModule
 from probseg.models import ProbUNet
+from probseg.models.objectives import KLDivergence
 from tests.tolerances import assert_same_kernels
 
 SIZE = 32
+
+
+def _kl(posterior, prior):
+    """The PU-Net's KL per image, as its objective computes it."""
+    return KLDivergence.estimates({"posterior": posterior, "prior": prior})[0]
 
 
 def _make_model(kwargs: dict, seed: int = 0, **overrides) -> ProbUNet:
@@ -22,7 +28,7 @@ def _make_model(kwargs: dict, seed: int = 0, **overrides) -> ProbUNet:
     torch.manual_seed(seed)
     model = ProbUNet(**{**kwargs, **overrides})
     with torch.no_grad():
-        for head in (model.prior.head, model.posterior.head):
+        for head in (model.network.prior.head, model.network.posterior.head):
             head.weight.normal_(0, 0.3)
             head.bias.normal_(0, 0.3)
     return model
@@ -71,7 +77,7 @@ def _random_pair(seed: int, b: int = 3, latent: int = 4) -> tuple[torch.Tensor, 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kl_matches_monte_carlo_estimate(model: ProbUNet, seed: int) -> None:
     mq, sq, mp, sp = _random_pair(seed)
-    analytic = model.kl(_params(mq, sq), _params(mp, sp))
+    analytic = _kl(_params(mq, sq), _params(mp, sp))
     assert analytic.shape == (3,)
     n = 200_000
     g = torch.Generator().manual_seed(seed)
@@ -84,15 +90,15 @@ def test_kl_matches_monte_carlo_estimate(model: ProbUNet, seed: int) -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_kl_matches_closed_form(model: ProbUNet, seed: int) -> None:
     mq, sq, mp, sp = _random_pair(seed, b=5, latent=6)
-    torch.testing.assert_close(model.kl(_params(mq, sq), _params(mp, sp)), closed_form_kl(mq, sq, mp, sp))
+    torch.testing.assert_close(_kl(_params(mq, sq), _params(mp, sp)), closed_form_kl(mq, sq, mp, sp))
 
 
 def test_kl_is_zero_for_identical_and_positive_for_different_normals(model: ProbUNet) -> None:
     mq, sq, mp, sp = _random_pair(3)
-    torch.testing.assert_close(model.kl(_params(mq, sq), _params(mq, sq)), torch.zeros(3, dtype=torch.float64))
-    assert (model.kl(_params(mq, sq), _params(mp, sp)) > 0).all()
+    torch.testing.assert_close(_kl(_params(mq, sq), _params(mq, sq)), torch.zeros(3, dtype=torch.float64))
+    assert (_kl(_params(mq, sq), _params(mp, sp)) > 0).all()
     # KL is not symmetric: the argument order matters (q first)
-    assert not torch.allclose(model.kl(_params(mq, sq), _params(mp, sp)), model.kl(_params(mp, sp), _params(mq, sq)))
+    assert not torch.allclose(_kl(_params(mq, sq), _params(mp, sp)), _kl(_params(mp, sp), _params(mq, sq)))
 
 
 # --- loss terms ----------------------------------------------------------------------------------
@@ -127,10 +133,10 @@ def test_rec_is_pixel_summed_batch_averaged_cross_entropy_of_the_posterior_sampl
 
     # the sample was drawn once, from the posterior of the chosen rater's mask
     assert len(calls) == 1
-    torch.testing.assert_close(calls[0], model.posterior(batch["image"], target).base_dist.loc)
+    torch.testing.assert_close(calls[0], model.network.posterior(batch["image"], target).base_dist.loc)
 
     with torch.no_grad():
-        logits = model.fcomb(model.unet(batch["image"]), z).double()  # (B, K, H, W)
+        logits = model.network.fcomb(model.network.unet(batch["image"]), z).double()  # (B, K, H, W)
     # cross-entropy written out: log sum exp - logit of the true class, per pixel
     log_z = logits.exp().sum(1).log()
     true_logit = torch.where(target == 1, logits[:, 1], logits[:, 0])
@@ -146,7 +152,7 @@ def test_kl_term_is_beta_times_batch_mean_of_closed_form_kl(tiny_punet_kwargs: d
     target = torch.stack([batch["masks"][0, 0], batch["masks"][1, 1], batch["masks"][2, 0]])
     terms = model.loss_terms(batch)
     with torch.no_grad():
-        q, p = model.posterior(batch["image"], target), model.prior(batch["image"])
+        q, p = model.network.posterior(batch["image"], target), model.network.prior(batch["image"])
     kl = closed_form_kl(q.base_dist.loc, q.base_dist.scale, p.base_dist.loc, p.base_dist.scale)
     assert kl.shape == (3,)
     torch.testing.assert_close(terms["kl"], beta * kl.mean(), rtol=1e-5, atol=1e-6)
@@ -241,7 +247,7 @@ def test_sample_runs_unet_and_prior_once_per_call(model: ProbUNet, num_samples: 
 
         return hook
 
-    handles = [getattr(model, name).register_forward_hook(counter(name)) for name in counts]
+    handles = [getattr(model.network, name).register_forward_hook(counter(name)) for name in counts]
     try:
         model.sample(torch.randn(2, 1, SIZE, SIZE), num_samples)
     finally:
@@ -262,7 +268,7 @@ def test_same_generator_seed_gives_identical_samples(model: ProbUNet) -> None:
 
 def test_samples_differ_when_prior_sigma_is_not_tiny(model: ProbUNet) -> None:
     images = torch.randn(2, 1, SIZE, SIZE)
-    sigma = model.prior(images).base_dist.scale
+    sigma = model.network.prior(images).base_dist.scale
     assert (sigma > 0.3).all()
     out = model.sample(images, 4, generator=torch.Generator().manual_seed(0))
     for i in range(1, 4):
@@ -270,15 +276,15 @@ def test_samples_differ_when_prior_sigma_is_not_tiny(model: ProbUNet) -> None:
 
 
 def test_samples_collapse_to_the_prior_mean_when_prior_sigma_is_tiny(model: ProbUNet) -> None:
-    latent = model.prior.latent_dim
+    latent = model.network.prior.latent_dim
     with torch.no_grad():
-        model.prior.head.weight[latent:] = 0
-        model.prior.head.bias[latent:] = -1e4  # log sigma -> -bound, sigma = exp(-10)
+        model.network.prior.head.weight[latent:] = 0
+        model.network.prior.head.bias[latent:] = -1e4  # log sigma -> -bound, sigma = exp(-10)
     images = torch.randn(2, 1, SIZE, SIZE)
     out = model.sample(images, 5, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        mean = model.prior(images).base_dist.loc
-        decoded = model.fcomb(model.unet(images), mean)  # the prior mean decoded, (B, K, H, W)
+        mean = model.network.prior(images).base_dist.loc
+        decoded = model.network.fcomb(model.network.unet(images), mean)  # the prior mean decoded, (B, K, H, W)
     torch.testing.assert_close(out, decoded.unsqueeze(1).expand_as(out), atol=1e-3, rtol=0)
 
 
@@ -287,11 +293,11 @@ def test_samples_follow_the_prior_not_the_posterior(model: ProbUNet) -> None:
     images = torch.randn(2, 1, SIZE, SIZE)
     a = model.sample(images, 3, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model.posterior.head.bias.add_(5.0)
+        model.network.posterior.head.bias.add_(5.0)
     b = model.sample(images, 3, generator=torch.Generator().manual_seed(0))
     assert_same_kernels(a, b)
     with torch.no_grad():
-        model.prior.head.bias[: model.prior.latent_dim].add_(5.0)
+        model.network.prior.head.bias[: model.network.prior.latent_dim].add_(5.0)
     c = model.sample(images, 3, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(a, c)
 

@@ -25,12 +25,12 @@ def test_without_dropout_every_hypothesis_is_the_network_output() -> None:
     torch.manual_seed(0)
     model = UNetBaseline(**TINY).eval()
     x = _images()
-    expected = F.conv2d(model.unet(x), model.head.weight, model.head.bias)
+    expected = F.conv2d(model.network.unet(x), model.network.head.weight, model.network.head.bias)
     samples = model.sample(x, 5)
     assert samples.shape == (3, 5, 2, 16, 16)
     assert model.deterministic
     # the same U-Net kernels; the head's sums may be ordered differently than the 1x1 conv's
-    bound = relu_network_bound(model.head, _head, model.unet(x))
+    bound = relu_network_bound(model.network.head, _head, model.network.unet(x))
     for s in range(5):
         assert_within(samples[:, s], expected, bound)
 
@@ -41,10 +41,10 @@ def test_head_dropout_equals_masking_the_features_then_the_1x1_head() -> None:
     x = _images()
     samples = model.sample(x, 4, generator=torch.Generator().manual_seed(5))
     masks = channel_dropout_masks(3, 4, 4, 0.3, torch.Generator().manual_seed(5))  # the same draws
-    features = model.unet(x)
+    features = model.network.unet(x)
     for s in range(4):
         masked = features * masks[:, s, :, None, None]
-        assert_within(samples[:, s], _head(model.head, masked), relu_network_bound(model.head, _head, masked))
+        assert_within(samples[:, s], _head(model.network.head, masked), relu_network_bound(model.network.head, _head, masked))
     assert not model.deterministic
     assert (samples[:, 0] - samples[:, 1]).abs().max() > 0
 
@@ -56,7 +56,7 @@ def test_head_dropout_hypotheses_average_to_the_deterministic_logits() -> None:
     x = _images(1)
     with torch.no_grad():
         mean = model.sample(x, 20000, generator=torch.Generator().manual_seed(0)).mean(1)
-        exact = model.logits(x, 1, dropout=False)[:, 0]
+        exact = model.network.logits(x, 1, dropout=False)[:, 0]
     torch.testing.assert_close(mean, exact, rtol=0, atol=0.03 * exact.abs().max().item())
 
 
@@ -87,19 +87,19 @@ def test_decoder_dropout_equals_an_explicit_decoder_loop(dtype: torch.dtype) -> 
         got = model.sample(x, 3, generator=torch.Generator().manual_seed(1))
         # Rebuild: the same masks in the same order (one (B, S, C) draw per up block, then the head).
         g = torch.Generator().manual_seed(1)
-        skips = model.unet.down(x)
+        skips = model.network.unet.down(x)
         expected = torch.empty_like(got)
         channels = [8 + 8, 8 + 4, 4]  # up-block inputs (deeper + skip), then the last feature map
         masks = [channel_dropout_masks(2, 3, c, 0.25, g, dtype=dtype) for c in channels]
         for b in range(2):
             for s in range(3):
                 h = skips[2][b:b + 1]
-                for i, block in enumerate(model.unet.up):
+                for i, block in enumerate(model.network.unet.up):
                     skip = skips[1 - i][b:b + 1]
                     h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
                     h = block(torch.cat([h, skip], 1) * masks[i][b, s, :, None, None])
                 h = h * masks[2][b, s, :, None, None]
-                expected[b, s] = model.head(h)[0]
+                expected[b, s] = model.network.head(h)[0]
     # the batched decoder (B * S images at once) against one image at a time: float64 checks
     # the maths, float32 that rounding stays within its (probabilistic) bound
     tol = 1e-12 if dtype == torch.float64 else network_tolerance(model, expected.abs().max().item())

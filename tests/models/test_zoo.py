@@ -123,13 +123,13 @@ def test_the_ce_term_of_a_soft_target_is_the_soft_cross_entropy() -> None:
     model = MODELS["punet"](**TINY_ARGS["punet"], **{**SOFT, "fusion": "mean"})
     batch = _batch()
     captured = {}
-    original = model.fcomb.forward
+    original = model.network.fcomb.forward
 
     def spy(features, z):
         captured["logits"] = original(features, z)
         return captured["logits"]
 
-    model.fcomb.forward = spy
+    model.network.fcomb.forward = spy
     terms = model.loss_terms(batch, torch.Generator().manual_seed(0))
     y = torch.stack([(batch["masks"] == c).float().mean(1) for c in range(2)], dim=1)
     ce = -(y * captured["logits"].log_softmax(1)).sum(1).flatten(1).sum(1).mean()

@@ -27,8 +27,7 @@ from typing import Sequence
 
 import torch
 
-from probseg.data.fusion import foreground_dice, majority_vote
-from probseg.metrics.functional._checks import accumulation_dtype, check_probabilities, check_rater_mask, check_set
+from probseg._ops import accumulation_dtype, check_probabilities, check_rater_mask, check_set, foreground_dice, majority_vote
 
 BDICE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """QUBIQ's threshold levels."""

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from probseg.metrics.functional._checks import (
+from probseg._ops import (
     accumulation_dtype,
     check_binary,
     check_class_ids,

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from probseg.metrics.functional._checks import check_rater_mask
+from probseg._ops import check_rater_mask
 from probseg.metrics.functional.kernels import CE_EPS, pairwise_cost
 
 
