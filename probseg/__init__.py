@@ -17,7 +17,7 @@ _LAZY = {
     "CheckpointError": ("probseg.checkpoint", "CheckpointError"),
     "MODELS": ("probseg.models", "MODELS"),
 }
-_SUBMODULES = {"callbacks", "checkpoint", "data", "layers", "losses", "models", "sampling", "viz"}
+_SUBMODULES = {"callbacks", "checkpoint", "data", "io", "layers", "losses", "models", "sampling", "viz"}
 
 __all__ = ["__version__", *_LAZY, *sorted(_SUBMODULES)]
 

@@ -17,9 +17,7 @@ Logging defaults: a CSVLogger (``{default_root_dir}/logs``) and W&B in offline m
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -158,15 +156,12 @@ def results_main(argv: list[str]) -> int:
 
 def run_lightning(args: list[str]) -> Any:
     """Run Lightning's CLI on ``args`` (subcommand first), registry names resolved."""
-    written: list[Path] = []
     failed = True
     try:
-        result = build_cli(resolve_model_names(args, written))
+        result = build_cli(resolve_model_names(args))
         failed = False
         return result
     finally:
-        for path in written:
-            path.unlink(missing_ok=True)
         # Close the W&B run, so a later command in the same process (a notebook) starts its own.
         wandb = sys.modules.get("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None:
@@ -189,110 +184,28 @@ def build_cli(args: list[str], run: bool = True) -> Any:
         sys.argv = argv
 
 
-def _check_model_name(name: str) -> None:
-    """A bare word close to a registry or zoo class name, but neither, is a typo: say so, with the
-    close names. Anything else (import paths, files, other class names) is left to Lightning."""
-    import difflib
-
-    from probseg.models import MODELS
-
-    names = list(MODELS) + [cls.__name__ for cls in MODELS.values()]
-    if not name.isidentifier() or name in names or Path(name).exists():
-        return
-    close = difflib.get_close_matches(name, names, n=3)
-    if not close:
-        return
-    print(f"probseg: unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}. "
-          f"Did you mean {' or '.join(repr(c) for c in close)}?", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def _resolve_model_node(node: Any, base: Path, written: list[Path]) -> Any:
-    """A ``model`` config value with registry names resolved: a name, a dict with ``class_path``,
-    or the path of a YAML file holding one (relative to ``base``), resolved in turn."""
+def resolve_model_names(args: list[str]) -> list[str]:
+    """Replace a registry name ("punet") given to ``--model`` or ``--model.class_path`` by its class
+    path, and stop with the close names when it is a typo. Config files are left alone: the CLI's
+    YAML loader resolves names inside them (:mod:`probseg.lightning_cli`)."""
+    from probseg.lightning_cli import model_name_typo
     from probseg.models import MODELS, class_path
 
-    if isinstance(node, dict) and isinstance(node.get("class_path"), str):
-        _check_model_name(node["class_path"])
-    if isinstance(node, str):
-        if node in MODELS:
-            return {"class_path": class_path(MODELS[node])}
-        _check_model_name(node)
-        file = base / node
-        if node.endswith((".yaml", ".yml")) and file.is_file():
-            resolved = _resolve_config_file(str(file), written, model_file=True)
-            return node if resolved == str(file) else resolved
-        return node
-    if isinstance(node, dict) and isinstance(node.get("class_path"), str) and node["class_path"] in MODELS:
-        return {**node, "class_path": class_path(MODELS[node["class_path"]])}
-    return node
-
-
-def _resolve_config_file(path: str, written: list[Path], model_file: bool = False) -> str:
-    """``path``, or a resolved copy of it when its model is given by registry name.
-
-    The copy is written next to the original (hidden, removed after the run) so that relative
-    paths inside it still resolve; ``written`` collects the copies.
-    """
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        return path  # not a file: Lightning's CLI reports it (or parses it as inline YAML)
-    try:
-        config = yaml.safe_load(file.read_text())
-    except yaml.YAMLError:
-        return path  # let jsonargparse report the syntax error with the file name
-    if model_file:
-        resolved = _resolve_model_node(config, file.parent, written)
-        if resolved is config:
-            return path
-        config = resolved
-    elif isinstance(config, dict) and "model" in config:
-        resolved = _resolve_model_node(config["model"], file.parent, written)
-        if resolved is config["model"]:
-            return path
-        config["model"] = resolved
-    else:
-        return path
-    text = yaml.safe_dump(config, sort_keys=False)
-    for folder in (file.parent, Path(tempfile.gettempdir())):
-        try:
-            handle, name = tempfile.mkstemp(prefix=f".{file.stem}.", suffix=".probseg.yaml", dir=folder)
-        except OSError:
-            continue  # read-only config folder: fall back to the temp folder
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
-        written.append(Path(name))
-        return name
-    raise OSError(f"could not write a resolved copy of {file}")
-
-
-def resolve_model_names(args: list[str], written: list[Path]) -> list[str]:
-    """Replace registry names ("punet") by class paths in ``--model`` arguments and config files.
-
-    ``written`` collects the resolved config copies, for the caller to delete after the run.
-    """
     out: list[str] = []
     i = 0
     while i < len(args):
-        arg = args[i]
-        key, eq, value = arg.partition("=")
-        if key in ("--config", "-c", "--model", "--model.class_path"):
-            if not eq and i + 1 < len(args):
-                value = args[i + 1]
+        key, eq, value = args[i].partition("=")
+        if key in ("--model", "--model.class_path") and (eq or i + 1 < len(args)):
+            if not eq:
                 i += 1
-            elif not eq:
-                out.append(arg)
-                break
-            if key in ("--config", "-c"):
-                value = _resolve_config_file(value, written)
-            else:
-                resolved = _resolve_model_node(value, Path.cwd(), written)
-                value = resolved["class_path"] if isinstance(resolved, dict) else resolved
-            out += [key, value]
+                value = args[i]
+            typo = model_name_typo(value)
+            if typo:
+                print(f"probseg: {typo}", file=sys.stderr)
+                raise SystemExit(2)
+            out += [key, class_path(MODELS[value]) if value in MODELS else value]
         else:
-            out.append(arg)
+            out.append(args[i])
         i += 1
     return out
 

@@ -1,22 +1,101 @@
 """The probseg LightningCLI: zoo models and data modules in subclass mode, default loggers and
-callbacks, a deterministic default seed."""
+callbacks, a deterministic default seed, registry names ("punet") wherever a model is named.
+
+Registry names are resolved while jsonargparse reads each config document (the YAML loader of
+:data:`PARSER_MODE`), so users' files are read as they are: never copied or rewritten.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+import jsonargparse
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import probseg.data  # noqa: F401  (registers data modules for short class names)
 import probseg.models  # noqa: F401  (registers zoo models for short class names)
-from probseg.callbacks import EvaluationCallback, FitSummary, GiniCallback, HypothesisWriter, RunCheckpoint
+from probseg.callbacks import (
+    EvaluationCallback,
+    FitSummary,
+    GiniCallback,
+    HypothesisWriter,
+    RunCheckpoint,
+)
 from probseg.data.base import ProbSegDataModule
 from probseg.models.base import ProbSegModel
 
 WANDB_MODES = ("offline", "online", "disabled")
+PARSER_MODE = "probseg_yaml"
+"""jsonargparse parser mode: YAML, with registry names of models resolved (:func:`load_config`)."""
+
+
+def model_name_typo(name: str) -> str | None:
+    """A message when ``name`` is a bare word close to a registry or zoo class name but neither
+    (a typo), naming the close ones; None otherwise (import paths, files and other class names are
+    left to jsonargparse)."""
+    import difflib
+    from pathlib import Path
+
+    from probseg.models import MODELS
+
+    names = list(MODELS) + [cls.__name__ for cls in MODELS.values()]
+    if not name.isidentifier() or name in names or Path(name).exists():
+        return None
+    close = difflib.get_close_matches(name, names, n=3)
+    if not close:
+        return None
+    return (f"unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}. "
+            f"Did you mean {' or '.join(repr(c) for c in close)}?")
+
+
+class ModelNameError(yaml.YAMLError):
+    """A config names a model by a typo of a registry name (a YAML error to jsonargparse, which
+    then reports it with the file)."""
+
+
+def _resolve_class_path(name: Any) -> Any:
+    from probseg.models import MODELS, class_path
+
+    if not isinstance(name, str):
+        return name
+    if name in MODELS:
+        return class_path(MODELS[name])
+    typo = model_name_typo(name)
+    if typo:
+        raise ModelNameError(typo)
+    return name
+
+
+def resolve_model_names(value: Any, top_level: bool = True) -> Any:
+    """``value`` (a loaded config document) with every ``class_path`` that is a registry name
+    replaced by its class path, and a top-level ``model: <name>`` by ``{"class_path": ...}``.
+
+    Raises:
+        ModelNameError: a class path or model name is a typo of a registry name.
+    """
+    if isinstance(value, dict):
+        resolved = {k: resolve_model_names(v, top_level=False) for k, v in value.items()}
+        if "class_path" in resolved:
+            resolved["class_path"] = _resolve_class_path(resolved["class_path"])
+        if top_level and isinstance(resolved.get("model"), str) and not resolved["model"].endswith((".yaml", ".yml")):
+            model = _resolve_class_path(resolved["model"])
+            resolved["model"] = {"class_path": model} if model != resolved["model"] else model
+        return resolved
+    if isinstance(value, list):
+        return [resolve_model_names(v, top_level=False) for v in value]
+    return value
+
+
+def load_config(text: str) -> Any:
+    """jsonargparse's YAML loader, then :func:`resolve_model_names`."""
+    return resolve_model_names(jsonargparse.get_loader("yaml")(text))
+
+
+jsonargparse.set_loader(PARSER_MODE, load_config, exceptions=(yaml.YAMLError,))
 
 
 def default_loggers(root: str, wandb_mode: str) -> list[Any]:
@@ -39,6 +118,9 @@ class ProbSegCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("trainer_defaults", {"default_root_dir": "runs"})
+        parser_kwargs = kwargs.setdefault("parser_kwargs", {})
+        for key in ("", *self.subcommands()):  # the main parser and each subcommand's
+            (parser_kwargs.setdefault(key, {}) if key else parser_kwargs).setdefault("parser_mode", PARSER_MODE)
         super().__init__(ProbSegModel, ProbSegDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

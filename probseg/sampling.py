@@ -1,15 +1,10 @@
 """``probseg sample``: draw hypotheses from a checkpoint for image files or data-module images.
 
-For every image it writes ``<id>.npz`` (``samples``: (S, H, W) class ids; ``probabilities``:
-(S, K, H, W) softmax of each hypothesis; ``mean`` and ``std``: (K, H, W) pixel-wise over the
-hypotheses; ``image``; ``raters`` (R, H, W) when known) and ``<id>.png``, a grid of the image, the
-raters, the hypotheses and the mean and std of the foreground probability. The id of a file is its
-name without the extension; when two inputs share an id (``a/x.npy b/x.npy`` or ``x.npy x.png``)
-the later ones get ``x-1``, ``x-2``, ... in the order given.
-
-Input files: ``.npy`` (H, W), (C, H, W) or (H, W, C), used as stored; ``.png`` scaled to [0, 1]
-(palette images become RGB, or grayscale when the palette is gray; the alpha channel is
-dropped); ``.nii``/``.nii.gz`` (2D, or a 3D volume with ``--slice``), used as stored.
+A thin command over :mod:`probseg.io`, which reads the inputs and writes, for every image,
+``<id>.npz`` and ``<id>.png`` (see there). The id of a file is its name without the extension;
+when two inputs share an id (``a/x.npy b/x.npy`` or ``x.npy x.png``) the later ones get ``x-1``,
+``x-2``, ... in the order given. Input files: ``.npy``, ``.png``, ``.nii``/``.nii.gz`` (a 3D
+volume with ``--slice``).
 
 numpy and torch are imported inside the functions that need them so that ``probseg sample -h``
 stays quick.
@@ -23,13 +18,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from probseg.io import InputError, file_key, load_image_file, unique_keys, write_outputs
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-
-class InputError(ValueError):
-    """An input image or a command-line setting cannot be used with the model."""
+__all__ = ["InputError", "SampleInput", "SamplingError", "build_parser", "collect_inputs", "main", "run"]
 
 
 class SamplingError(RuntimeError):
@@ -43,177 +38,6 @@ class SampleInput(NamedTuple):
     source: str
     image: np.ndarray
     raters: np.ndarray | None
-
-
-def _to_chw(array: np.ndarray, in_channels: int, source: str) -> np.ndarray:
-    """(H, W), (C, H, W) or (H, W, C) -> (C, H, W) float32 with C == ``in_channels``.
-
-    For a 3D array the channel axis is the first axis when it has ``in_channels`` entries, else the
-    last axis when that one has; otherwise the smaller of the two is reported as the image's
-    channel count.
-    """
-    import numpy as np
-
-    if array.ndim == 2:
-        array = array[None]
-    elif array.ndim == 3:
-        if array.shape[0] != in_channels and array.shape[-1] == in_channels:
-            array = np.moveaxis(array, -1, 0)
-    else:
-        raise InputError(f"{source}: expected a 2D image, (C, H, W) or (H, W, C); got shape {array.shape}")
-    if array.shape[0] != in_channels:
-        shape = array.shape
-        channels = min(shape[0], shape[-1])
-        raise InputError(
-            f"{source}: the model expects {in_channels} channel(s) but the image has {channels} (shape {shape})"
-        )
-    if not np.isfinite(array).all():
-        raise InputError(f"{source}: the image contains NaN or infinite values")
-    return np.ascontiguousarray(array, dtype=np.float32)
-
-
-# Pillow modes a PNG can open as, and the mode its pixels are read in.
-_PNG_MODES = {"1": "L", "LA": "L", "La": "L", "RGBA": "RGB", "RGBa": "RGB"}
-
-
-def _png_array(img: Any) -> np.ndarray:
-    """A Pillow image as an array scaled to [0, 1]: (H, W) for gray modes, (H, W, 3) for colour."""
-    import numpy as np
-
-    mode = img.mode
-    if mode in ("P", "PA"):
-        indices = np.unique(np.asarray(img))
-        palette = np.asarray(img.getpalette() or [], dtype=np.int64).reshape(-1, 3)
-        used = palette[indices[indices < len(palette)]]
-        gray = len(used) > 0 and bool((used == used[:, :1]).all())
-        img = img.convert("RGBA" if mode == "PA" else "RGB").convert("L" if gray else "RGB")
-    elif mode in _PNG_MODES:
-        img = img.convert(_PNG_MODES[mode])
-    array = np.asarray(img)
-    # PNG holds 1 to 16 bits per channel; Pillow opens 16-bit gray as uint16 ("I;16") or int32 ("I").
-    kind, size = array.dtype.kind, array.dtype.itemsize
-    scale = 255.0 if (kind, size) == ("u", 1) else 65535.0 if kind in "ui" else 1.0
-    return array.astype(np.float32) / scale
-
-
-def load_image_file(path: str | os.PathLike, in_channels: int, slice_index: int | None = None) -> np.ndarray:
-    """Read an image file as a (C, H, W) float32 array for a model with ``in_channels`` channels.
-
-    Errors name the file as it was given.
-
-    Raises:
-        FileNotFoundError: no such file.
-        InputError: unreadable file, unsupported format, wrong shape or channel count.
-    """
-    import numpy as np
-
-    source = os.fspath(path)
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input image not found: {source}")
-    name = path.name.lower()
-    try:
-        if name.endswith(".npy"):
-            array = np.load(path, allow_pickle=False)
-        elif name.endswith(".png"):
-            from PIL import Image
-
-            with Image.open(path) as img:
-                array = _png_array(img)
-        elif name.endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
-            array = np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))
-            if array.ndim == 3 and array.shape[-1] == 1:
-                array = array[..., 0]
-            elif array.ndim == 3:
-                if slice_index is None:
-                    raise InputError(f"{source}: a 3D volume of shape {array.shape}; choose a slice with --slice")
-                if not -array.shape[-1] <= slice_index < array.shape[-1]:
-                    raise InputError(f"{source}: --slice {slice_index} is outside the {array.shape[-1]} slices")
-                array = array[..., slice_index]
-        else:
-            raise InputError(f"{source}: unsupported file type; use .npy, .png, .nii or .nii.gz")
-    except InputError:
-        raise
-    except Exception as err:  # any reader failure: name the file, keep the reader's reason
-        raise InputError(f"{source}: could not read the file ({type(err).__name__}: {err})") from None
-    if array.dtype == object or not np.issubdtype(array.dtype, np.number):
-        raise InputError(f"{source}: expected numeric image data, got dtype {array.dtype}")
-    return _to_chw(array, in_channels, source)
-
-
-def file_key(path: str | os.PathLike) -> str:
-    """The output id of an input file: its name without the image extension (``mri.nii.gz`` -> ``mri``)."""
-    name = Path(path).name
-    for ext in (".nii.gz", ".npy", ".png", ".nii"):
-        if name.lower().endswith(ext) and len(name) > len(ext):
-            return name[: -len(ext)]
-    return Path(name).stem or name
-
-
-def unique_keys(keys: list[str]) -> list[str]:
-    """Make output ids unique, in order: the first ``x`` stays ``x``, later ones become ``x-1``, ``x-2``, ...
-
-    Ids differing only in case count as equal (they collide on case-insensitive file systems), and a
-    renamed id never takes an id that another input has as its own.
-    """
-    own = {key.casefold() for key in keys}
-    used: set[str] = set()
-    result = []
-    for key in keys:
-        candidate, n = key, 0
-        while candidate.casefold() in used or (n and candidate.casefold() in own):
-            n += 1
-            candidate = f"{key}-{n}"
-        used.add(candidate.casefold())
-        result.append(candidate)
-    return result
-
-
-def summarize(logits: torch.Tensor) -> dict[str, np.ndarray]:
-    """(S, K, H, W) logits of one image -> samples, probabilities, mean and std as numpy arrays."""
-    import torch
-
-    probs = logits.float().softmax(dim=1)
-    return {
-        "samples": probs.argmax(dim=1).to(torch.uint8).numpy(),
-        "probabilities": probs.numpy(),
-        "mean": probs.mean(0).numpy(),
-        "std": probs.std(0, unbiased=False).numpy(),
-    }
-
-
-def foreground(probabilities: np.ndarray) -> np.ndarray:
-    """(S, K, H, W) -> (S, H, W) probability of any non-background class."""
-    return 1.0 - probabilities[:, 0]
-
-
-def write_outputs(
-    out: Path, key: str, image: np.ndarray, logits: torch.Tensor, raters: np.ndarray | None, *, plot: bool = True
-) -> list[Path]:
-    """Write ``<key>.npz`` and (with ``plot``) ``<key>.png`` for one image; return the paths written."""
-    import numpy as np
-
-    out.mkdir(parents=True, exist_ok=True)
-    arrays = summarize(logits)
-    extra = {} if raters is None else {"raters": raters}
-    npz = out / f"{key}.npz"
-    np.savez_compressed(npz, image=image, **arrays, **extra)
-    written = [npz]
-    if not plot:
-        return written
-    try:
-        from probseg.viz import plot_sample_grid
-    except ImportError:
-        return written
-    try:
-        written.append(
-            plot_sample_grid(out / f"{key}.png", image, foreground(arrays["probabilities"]), raters, title=key)
-        )
-    except ImportError as err:
-        print(f"probseg sample: PNG grid not written for {key}: {err}", file=sys.stderr)
-    return written
 
 
 def _datamodule_from_config(path: str) -> Any:

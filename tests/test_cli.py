@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,8 @@ def _metric_keys(root: Path) -> set[str]:
 
 
 def _cli(args: list[str]) -> Any:
-    """Build (without running) the CLI as ``probseg`` would, removing resolved config copies."""
-    written: list[Path] = []
-    try:
-        return build_cli(resolve_model_names(args, written), run=False)
-    finally:
-        for path in written:
-            path.unlink(missing_ok=True)
+    """Build (without running) the CLI as ``probseg`` would."""
+    return build_cli(resolve_model_names(args), run=False)
 
 
 def test_help_lists_commands_without_lightning() -> None:
@@ -149,9 +145,7 @@ def test_second_fit_in_the_same_folder_replaces_last_ckpt(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("args", [["--model", "punet"], ["--model=punet"], ["--model.class_path", "punet"]])
 def test_registry_name_on_command_line(args: list[str]) -> None:
-    written: list[Path] = []
-    assert resolve_model_names(["fit", *args], written)[-1] == "probseg.models.punet.ProbUNet"
-    assert written == []
+    assert resolve_model_names(["fit", *args])[-1] == "probseg.models.punet.ProbUNet"
 
 
 @pytest.mark.parametrize("model", ["punet", "ProbUNet", "probseg.models.punet.ProbUNet", "probseg.models.ProbUNet"])
@@ -186,6 +180,43 @@ def test_registry_name_with_relative_nested_configs(tmp_path: Path) -> None:
     assert type(cli.model) is ProbUNet and cli.model.hparams.num_filters == [4, 8, 8]
     assert cli.datamodule.hparams.image_size == 32
     assert sorted(p.name for p in folder.iterdir()) == ["data.yaml", "main.yaml", "model.yaml"], "copies left behind"
+
+
+def test_registry_names_resolve_while_reading_read_only_configs(tmp_path: Path) -> None:
+    """Names are resolved as jsonargparse reads each document: nothing is written, so a config in
+    a read-only folder works and its files are untouched."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    config = tiny_config(tmp_path)
+    text = config.read_text()
+    (folder / "main.yaml").write_text(text)
+    folder.chmod(0o555)
+    try:
+        before = set(Path(tempfile.gettempdir()).iterdir())
+        cli = _cli(["--config", str(folder / "main.yaml"), "--wandb", "disabled"])
+        assert type(cli.model) is ProbUNet
+        assert (folder / "main.yaml").read_text() == text
+        assert [p.name for p in folder.iterdir()] == ["main.yaml"]
+        assert not [p for p in set(Path(tempfile.gettempdir()).iterdir()) - before if "probseg" in p.name]
+    finally:
+        folder.chmod(0o755)
+
+
+def test_the_config_loader_resolves_model_names_only() -> None:
+    from probseg.lightning_cli import ModelNameError, load_config
+
+    loaded = load_config(
+        "model: punet\n"
+        "trainer: {default_root_dir: punet, callbacks: [{class_path: probseg.callbacks.GiniCallback}]}\n"
+        "other: {class_path: csae, init_args: {beta: 2}}\n"
+    )
+    assert loaded["model"] == {"class_path": "probseg.models.punet.ProbUNet"}
+    assert loaded["trainer"]["default_root_dir"] == "punet"  # a plain string, not a model
+    assert loaded["trainer"]["callbacks"][0]["class_path"] == "probseg.callbacks.GiniCallback"
+    assert loaded["other"] == {"class_path": "probseg.models.csae.ConditionalSinkhornAutoencoder", "init_args": {"beta": 2}}
+    assert load_config("model: model.yaml")["model"] == "model.yaml"  # a model file, read in turn
+    with pytest.raises(ModelNameError, match="Did you mean 'planar'"):
+        load_config("class_path: planr")
 
 
 def test_model_file_on_command_line(tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from probseg.data import SyntheticDataModule
+from probseg.io import InputError, _to_chw, load_image_file, unique_keys, write_outputs
 from probseg.models import ProbUNet
-from probseg.sampling import InputError, _to_chw, load_image_file, main, unique_keys, write_outputs
+from probseg.sampling import main
 from tests.conftest import TINY_PUNET
 from tests.helpers import TINY_DATA, tiny_config
 

@@ -37,7 +37,7 @@ class HypothesisWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        from probseg.sampling import write_outputs
+        from probseg.io import write_outputs
 
         samples = prediction["samples"].detach().float().cpu()
         ids = prediction.get("id") or [f"batch{batch_idx:05d}-{i:03d}" for i in range(len(samples))]

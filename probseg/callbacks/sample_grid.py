@@ -46,7 +46,7 @@ class SampleGridCallback(Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "item"):
             return
-        from probseg.sampling import foreground
+        from probseg.io import foreground
         from probseg.viz import plot_sample_grid
 
         count = min(self.num_images, len(datamodule.dataset(self.split)))
