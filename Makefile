@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.probseg-installed
 DEMO_DIR ?= runs/demo
+# The demo's configs: the synthetic experiments' shared settings, then the PU-Net's own.
+DEMO_CONFIG := --config experiments/synthetic/base.yaml --config experiments/synthetic/punet.yaml
 
 .PHONY: install demo test clean
 
@@ -19,11 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 # the oracle row), sample hypotheses for test images, and report how well their spread matches the
 # known rater distribution.
 demo: $(STAMP)
-	$(BIN)/probseg fit --config experiments/synthetic/punet.yaml --trainer.default_root_dir $(DEMO_DIR)
-	$(BIN)/probseg test --config experiments/synthetic/punet.yaml --trainer.default_root_dir $(DEMO_DIR) \
+	$(BIN)/probseg fit $(DEMO_CONFIG) --trainer.default_root_dir $(DEMO_DIR)
+	$(BIN)/probseg test $(DEMO_CONFIG) --trainer.default_root_dir $(DEMO_DIR) \
 		--ckpt_path $(DEMO_DIR)/checkpoints/last.ckpt
 	$(BIN)/probseg sample --ckpt $(DEMO_DIR)/checkpoints/last.ckpt \
-		--data-config experiments/synthetic/punet.yaml --split test --index 0 1 2 3 4 5 6 7 \
+		--data-config experiments/synthetic/base.yaml --split test --index 0 1 2 3 4 5 6 7 \
 		--num-samples 16 --out $(DEMO_DIR)/samples
 	$(BIN)/python benchmarks/synthetic_ambiguity.py --ckpt $(DEMO_DIR)/checkpoints/last.ckpt
 

@@ -179,7 +179,8 @@ class Distillation(Objective):
             if not self.teacher_path.is_file():
                 raise FileNotFoundError(
                     f"teacher checkpoint not found: {self.teacher_path} (model argument 'teacher'); train the "
-                    "teacher first, e.g. `probseg fit --config experiments/synthetic/unet.yaml`"
+                    "teacher first, e.g. `probseg fit --config experiments/synthetic/base.yaml "
+                    "--config experiments/synthetic/unet_teacher.yaml`"
                 )
             # Built in float32 even inside a bf16-true step (Lightning sets the default dtype there).
             default = torch.get_default_dtype()

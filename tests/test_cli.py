@@ -276,13 +276,28 @@ def test_predict_writes_hypotheses(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if not p.name.startswith("."))  # not a running command's resolved copy
+EXPERIMENTS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if p.name != "base.yaml")
+"""The model files; each is stacked on its folder's base.yaml."""
+
+
+def _experiment(config: Path) -> Any:
+    return _cli(["--config", str(config.parent / "base.yaml"), "--config", str(config), "--wandb", "disabled"])
+
+
+def test_experiment_files_say_only_what_differs() -> None:
+    """A model file holds the model and its run folder; the dataset's base.yaml everything shared."""
+    for config in EXPERIMENTS:
+        content = yaml.safe_load(config.read_text())
+        assert set(content) == {"model", "trainer"} and set(content["trainer"]) == {"default_root_dir"}, config
+    for base in (REPO / "experiments").rglob("base.yaml"):
+        assert set(yaml.safe_load(base.read_text())) == {"seed_everything", "data", "trainer"}, base
 
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO / "experiments")))
 def test_every_experiment_config_builds(config: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)  # the configs' relative run folders land here
-    cli = _cli(["--config", str(config), "--wandb", "disabled"])
+    cli = _experiment(config)
+    assert cli.trainer.default_root_dir == yaml.safe_load(config.read_text())["trainer"]["default_root_dir"]
     name = config.stem.removesuffix("_soft").removesuffix("_kd").removesuffix("_teacher")
     assert cli.model.registry_name == name
     if config.stem.endswith("_soft"):
@@ -323,7 +338,7 @@ def test_paper_configs_follow_table_4(config: Path, monkeypatch: pytest.MonkeyPa
     from probseg.callbacks import EvaluationCallback
 
     monkeypatch.chdir(tmp_path)
-    cli = _cli(["--config", str(config), "--wandb", "disabled"])
+    cli = _experiment(config)
     beta, gamma, patience, n_eval = TABLE_4[config.parent.name]
     model, data = cli.model, cli.datamodule
     assert (model.hparams.beta, model.lr, model.weight_decay, model.hparams.latent_dim) == (beta, 1e-4, 5e-5, 6)
