@@ -102,7 +102,8 @@ def load_model(
     hparams = {k: v for k, v in dict(checkpoint.get("hyper_parameters", {})).items() if not k.startswith("_")}
     # Options added after a checkpoint was written default to what it was trained with.
     accepted = inspect.signature(cls).parameters
-    legacy = {k: v for k, v in getattr(cls, "LEGACY_DEFAULTS", {}).items() if k in accepted}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())  # forwards the rest up the chain
+    legacy = {k: v for k, v in getattr(cls, "LEGACY_DEFAULTS", {}).items() if takes_any or k in accepted}
     hparams = {**legacy, **hparams}
     try:
         model = cls(**hparams)

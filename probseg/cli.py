@@ -26,7 +26,7 @@ USAGE = """usage: probseg <command> [options]
 Probabilistic image segmentation model zoo.
 
 commands:
-  fit        train a model            (probseg fit --config experiments/synthetic/base.yaml \
+  fit        train a model            (probseg fit --config experiments/synthetic/base.yaml
                                         --config experiments/synthetic/punet.yaml)
   validate   evaluate on the validation split
   test       evaluate on the test split

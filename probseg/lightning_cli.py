@@ -57,14 +57,14 @@ class ModelNameError(yaml.YAMLError):
     then reports it with the file)."""
 
 
-def _resolve_class_path(name: Any) -> Any:
+def _resolve_class_path(name: Any, check_typo: bool) -> Any:
     from probseg.models import MODELS, class_path
 
     if not isinstance(name, str):
         return name
     if name in MODELS:
         return class_path(MODELS[name])
-    typo = model_name_typo(name)
+    typo = model_name_typo(name) if check_typo else None
     if typo:
         raise ModelNameError(typo)
     return name
@@ -74,16 +74,23 @@ def resolve_model_names(value: Any, top_level: bool = True) -> Any:
     """``value`` (a loaded config document) with every ``class_path`` that is a registry name
     replaced by its class path, and a top-level ``model: <name>`` by ``{"class_path": ...}``.
 
+    Typos are looked for only where a model is named: the top-level ``model`` entry, and the
+    ``class_path`` of a document that is itself a class (a model file given to ``--model`` or
+    ``model: file.yaml``); nested class paths (callbacks, optimizers) resolve exact names only.
+
     Raises:
-        ModelNameError: a class path or model name is a typo of a registry name.
+        ModelNameError: a model name is a typo of a registry name.
     """
     if isinstance(value, dict):
         resolved = {k: resolve_model_names(v, top_level=False) for k, v in value.items()}
         if "class_path" in resolved:
-            resolved["class_path"] = _resolve_class_path(resolved["class_path"])
-        if top_level and isinstance(resolved.get("model"), str) and not resolved["model"].endswith((".yaml", ".yml")):
-            model = _resolve_class_path(resolved["model"])
-            resolved["model"] = {"class_path": model} if model != resolved["model"] else model
+            resolved["class_path"] = _resolve_class_path(resolved["class_path"], check_typo=top_level)
+        model = resolved.get("model")
+        if top_level and isinstance(model, dict) and "class_path" in model:
+            model["class_path"] = _resolve_class_path(model["class_path"], check_typo=True)
+        if top_level and isinstance(model, str) and not model.endswith((".yaml", ".yml")):
+            name = _resolve_class_path(model, check_typo=True)
+            resolved["model"] = {"class_path": name} if name != model else model
         return resolved
     if isinstance(value, list):
         return [resolve_model_names(v, top_level=False) for v in value]

@@ -18,13 +18,36 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from probseg.io import InputError, file_key, load_image_file, unique_keys, write_outputs
+from probseg.io import (
+    InputError,
+    file_key,
+    foreground,
+    load_image_file,
+    summarize,
+    unique_keys,
+    write_outputs,
+)
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-__all__ = ["InputError", "SampleInput", "SamplingError", "build_parser", "collect_inputs", "main", "run"]
+# (file_key ... write_outputs: the readers and writers of release 0.1, now in probseg.io)
+__all__ = [
+    "InputError",
+    "SampleInput",
+    "SamplingError",
+    "build_parser",
+    "collect_inputs",
+    "file_key",
+    "foreground",
+    "load_image_file",
+    "main",
+    "run",
+    "summarize",
+    "unique_keys",
+    "write_outputs",
+]
 
 
 class SamplingError(RuntimeError):

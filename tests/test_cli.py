@@ -285,10 +285,14 @@ def _experiment(config: Path) -> Any:
 
 
 def test_experiment_files_say_only_what_differs() -> None:
-    """A model file holds the model and its run folder; the dataset's base.yaml everything shared."""
+    """A model file holds the model, its run folder and trainer settings that differ from its
+    dataset's base.yaml; the base holds everything shared."""
     for config in EXPERIMENTS:
         content = yaml.safe_load(config.read_text())
-        assert set(content) == {"model", "trainer"} and set(content["trainer"]) == {"default_root_dir"}, config
+        base = yaml.safe_load((config.parent / "base.yaml").read_text())
+        assert set(content) == {"model", "trainer"} and "default_root_dir" in content["trainer"], config
+        repeated = {k for k, v in content["trainer"].items() if base["trainer"].get(k) == v}
+        assert not repeated, f"{config} repeats {repeated} of base.yaml"
     for base in (REPO / "experiments").rglob("base.yaml"):
         assert set(yaml.safe_load(base.read_text())) == {"seed_everything", "data", "trainer"}, base
 
@@ -349,3 +353,12 @@ def test_paper_configs_follow_table_4(config: Path, monkeypatch: pytest.MonkeyPa
     assert (stopping.monitor, stopping.patience) == ("val/loss", patience)
     assert next(c for c in cli.trainer.callbacks if isinstance(c, EvaluationCallback)).num_samples == n_eval
     assert cli.trainer.gradient_clip_val == 1.0
+
+
+def test_nested_class_paths_are_not_taken_for_model_typos() -> None:
+    """A callback or optimizer class named like a zoo class is left to jsonargparse."""
+    from probseg.lightning_cli import load_config
+
+    loaded = load_config("trainer: {callbacks: [{class_path: UNet}]}\nmodel: {class_path: punet}\n")
+    assert loaded["trainer"]["callbacks"][0]["class_path"] == "UNet"
+    assert loaded["model"]["class_path"] == "probseg.models.punet.ProbUNet"

@@ -75,3 +75,18 @@ def test_a_saved_option_wins_over_the_legacy_default(tmp_path: Path) -> None:
     torch.save(checkpoint, tmp_path / "new.ckpt")
     loaded = probseg.load_model(tmp_path / "new.ckpt")
     assert (loaded.network.reconstruct_from, loaded.network.sinkhorn_posterior) == ("base", "all_raters")
+
+
+def test_legacy_defaults_reach_a_subclass_that_forwards_its_arguments() -> None:
+    """A user's subclass declaring its own argument and passing the rest on with **kwargs still
+    gets the 0.1 reading of a 0.1 cSAE checkpoint, with no warning."""
+    import warnings
+
+    class MyCSAE(MODELS["csae"]):
+        def __init__(self, *, extra: int = 1, **kwargs) -> None:
+            super().__init__(**kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = probseg.load_model(FIXTURES / "csae.ckpt", model_class=MyCSAE)
+    assert (model.network.reconstruct_from, model.network.sinkhorn_posterior) == ("flowed", "one_rater")

@@ -1,6 +1,5 @@
 """The zoo: :data:`MODELS` maps registry names to LightningModule classes."""
 
-import probseg.distillation  # noqa: F401  (registers the optional objective "distillation")
 from probseg.models.base import ProbSegModel
 from probseg.models.csae import ConditionalSinkhornAutoencoder
 from probseg.models.planar import PlanarProbUNet
@@ -19,3 +18,7 @@ __all__ = [
     "get_model_class",
     "register_model",
 ]
+
+# Last, once the zoo is bound: registers the optional objective "distillation" (it imports
+# probseg.models.objectives, below the models).
+import probseg.distillation  # noqa: F401

@@ -13,12 +13,15 @@ declares only its own arguments, builds its :class:`~probseg.models.network.Netw
   ``"{stage}/{name}"``;
 * the optimizer, the non-finite guard and the checkpoint metadata.
 
-Subclass arguments reach this class through ``**kwargs``; ``probseg fit --help`` lists both.
+The shared options reach this class through the subclass's ``**kwargs``; ``probseg fit --help``
+lists the model's own arguments and the shared ones, each with its documentation.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import warnings
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -73,6 +76,29 @@ class ProbSegModel(pl.LightningModule):
     gives the behaviour it was trained with; :func:`probseg.load_model` fills them in."""
 
     network: Network
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("loss_terms")
+        if own is not None and "stage" not in inspect.signature(own).parameters:
+            raise TypeError(
+                f"{cls.__qualname__} overrides loss_terms(batch, generator), the model contract of release 0.1. "
+                "Since 0.2 a model builds self.network (a probseg.models.network.Network whose forward returns "
+                "the tensors its objectives need) and appends its own objectives to self.objectives; the task "
+                "computes the terms. See README, Layout."
+            )
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Release 0.1 kept the network's parts and methods on the model (model.unet, model.logits).
+            network = self._modules.get("network")
+            if network is None or name.startswith("_") or not hasattr(network, name):
+                raise
+            warnings.warn(f"model.{name} moved to model.network.{name} in release 0.2", DeprecationWarning,
+                          stacklevel=2)
+            return getattr(network, name)
 
     def __init__(
         self,
@@ -257,6 +283,8 @@ class ProbSegModel(pl.LightningModule):
         )
 
     def setup(self, stage: str) -> None:
+        if "network" not in self._modules:
+            raise TypeError(f"{type(self).__qualname__} has no network: build self.network in __init__ (README, Layout)")
         if stage == "fit":
             # Same weights on every rank (initialized under one seed), different training draws.
             from probseg.distributed import diverge_per_rank
@@ -285,11 +313,6 @@ class ProbSegModel(pl.LightningModule):
         from probseg import __version__
         from probseg.models.registry import MODELS
 
-        if not self.hparams:
-            raise RuntimeError(
-                f"{type(self).__qualname__} saved no hyperparameters: call ProbSegModel.__init__ from __init__ "
-                "so probseg.load_model can rebuild it"
-            )
         cls = type(self)
         # A subclass inherits registry_name; only a registered class may claim its name.
         registered = MODELS.get(self.registry_name) is cls

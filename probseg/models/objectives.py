@@ -202,6 +202,8 @@ class KLDivergence(Objective):
         free_bits: lambda, a floor in nats on the batch-mean KL of each latent dimension (0: off).
     """
 
+    name = "kl"
+
     def __init__(self, beta: float = 1.0, warmup_steps: int = 0, free_bits: float = 0.0) -> None:
         if beta < 0:
             raise ValueError(f"beta must be non-negative, got {beta}")
@@ -288,6 +290,8 @@ class SinkhornDivergence(Objective):
         blur, diameter, scaling: GeomLoss settings (:func:`sinkhorn_divergence`).
     """
 
+    name = "sinkhorn"
+
     def __init__(self, gamma: float = 1.0, blur: float = 0.05, diameter: float = 100.0, scaling: float = 0.5) -> None:
         if gamma < 0:
             raise ValueError(f"gamma must be non-negative, got {gamma}")
@@ -314,11 +318,18 @@ None (not asked for). :mod:`probseg.distillation` registers ``"distillation"``."
 
 
 def register_optional_objective(name: str) -> Callable[[OptionalObjectiveFactory], OptionalObjectiveFactory]:
-    """Decorator adding a factory to :data:`OPTIONAL_OBJECTIVES`."""
+    """Decorator adding a factory to :data:`OPTIONAL_OBJECTIVES` (registering a factory of the same
+    module and name again, e.g. after a module reload, replaces it).
+
+    An objective is a plain object, not a submodule of the task: anything trainable it holds stays
+    out of the optimizer, the state dict and DDP's gradient sync (a teacher, which must stay
+    frozen, is the intended case). Trainable parts belong in the network.
+    """
 
     def add(factory: OptionalObjectiveFactory) -> OptionalObjectiveFactory:
-        if name in OPTIONAL_OBJECTIVES and OPTIONAL_OBJECTIVES[name] is not factory:
-            raise ValueError(f"an optional objective named {name!r} is already registered")
+        known = OPTIONAL_OBJECTIVES.get(name)
+        if known is not None and known is not factory and known.__qualname__ != factory.__qualname__:
+            raise ValueError(f"an optional objective named {name!r} is already registered ({known.__qualname__})")
         OPTIONAL_OBJECTIVES[name] = factory
         return factory
 

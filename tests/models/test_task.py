@@ -159,3 +159,19 @@ def test_a_new_model_is_one_class_and_one_registry_entry(tmp_path: Path) -> None
         torch.testing.assert_close(loaded.sample(x, 3), model.eval().sample(x, 3), rtol=0, atol=0)
     finally:
         MODELS.pop("tiny_test_model", None)
+
+
+def test_a_release_0_1_style_model_is_refused_with_the_migration() -> None:
+    with pytest.raises(TypeError, match="the model contract of release 0.1.*self.network"):
+
+        class OldStyle(ProbSegModel):
+            def loss_terms(self, batch, generator=None):
+                return {}
+
+
+def test_release_0_1_attribute_paths_still_reach_the_network_with_a_warning() -> None:
+    model = MODELS["unet"](**TINY_ARGS["unet"])
+    with pytest.warns(DeprecationWarning, match=r"model.unet moved to model.network.unet"):
+        assert model.unet is model.network.unet
+    with pytest.raises(AttributeError):
+        model.no_such_part
