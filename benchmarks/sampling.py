@@ -1,6 +1,7 @@
 """Sampling cost of S hypotheses relative to one forward pass, measured in one run.
 
-Compares, for a ProbUNet:
+Prints, for every zoo model, the cost of ``model.sample(x, S)`` over ``model.sample(x, 1)`` (one
+network pass), timed in interleaved rounds (medians). Then compares, for a ProbUNet:
   * one hypothesis (U-Net + prior + combiner once): the baseline, ratio 1.0;
   * ``model.sample(x, S)``: U-Net and prior once, combiner S times (what probseg does);
   * naive: the full network S times, as a per-sample loop would;
@@ -16,12 +17,33 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 
 import torch
 from _timing import timed
 import torch.nn.functional as F
 
-from probseg.models import ProbUNet
+from probseg.models import MODELS, ProbUNet
+
+
+def zoo_sampling_ratios(filters: list[int], convs: int, x: torch.Tensor, s: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Registry name -> (median ms of one hypothesis, median ratio of S hypotheses to one), one
+    and S timed in each round (in alternating order), after a warm-up of both."""
+    results = {}
+    for name, cls in sorted(MODELS.items()):
+        torch.manual_seed(0)
+        model = cls(num_filters=filters, convs_per_block=convs).to(x.device).eval()
+        one_times, ratios = [], []
+        with torch.inference_mode():
+            model.sample(x, 1), model.sample(x, s)
+            for i in range(rounds):  # alternate which goes first: neither gets the warmer start
+                pair = [lambda: model.sample(x, 1), lambda: model.sample(x, s)]  # noqa: B023
+                first, second = (timed(f, 1, x.device) for f in (pair if i % 2 == 0 else pair[::-1]))
+                one, many = (first, second) if i % 2 == 0 else (second, first)
+                one_times.append(one)
+                ratios.append(many / one)
+        results[name] = (statistics.median(one_times) * 1e3, statistics.median(ratios))
+    return results
 
 
 def tiled_combiner(model: ProbUNet, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -66,6 +88,11 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, device {device}, "
           f"threads {torch.get_num_threads()}")
     print(f"config: batch {batch}, {size}x{size}, filters {filters}, convs/block {convs}, S = {s}\n")
+    print("| model | one hypothesis (ms) | S hypotheses / one |")
+    print("| --- | ---: | ---: |")
+    for name, (ms, ratio) in zoo_sampling_ratios(filters, convs, x, s, args.repeats).items():
+        print(f"| {name} | {ms:.1f} | {ratio:.2f} |")
+    print()
     print("| what | time per batch (ms) | ratio to one forward pass |")
     print("| --- | ---: | ---: |")
     print(f"| one hypothesis (baseline) | {one * 1e3:.1f} | 1.00 |")

@@ -85,7 +85,8 @@ def test_every_model_stays_finite_on_extreme_inputs(name: str, case: str) -> Non
     """All-zero images, masks that are all one class, and images of magnitude 1e4: every loss term
     and every gradient stays finite, also with a soft-label loss mix."""
     torch.manual_seed(0)
-    model = MODELS[name](**TINY_ARGS[name], fusion="mean", reconstruction={"ce": 0.5, "dml1": 0.5, "uniform_kl": 0.1})
+    mix = {"reconstruction": {"ce": 0.5, "dml1": 0.5, "uniform_kl": 0.1}} if MODELS[name].reconstructs else {}
+    model = MODELS[name](**TINY_ARGS[name], fusion="mean", **mix)
     image = {"zeros": torch.zeros(2, 1, 32, 32), "constant_masks": torch.rand(2, 1, 32, 32),
              "huge_images": 1e4 * torch.randn(2, 1, 32, 32)}[case]
     masks = torch.ones(2, 3, 32, 32, dtype=torch.long) if case == "constant_masks" else torch.randint(0, 2, (2, 3, 32, 32))

@@ -5,6 +5,7 @@ from probseg.models.csae import ConditionalSinkhornAutoencoder
 from probseg.models.planar import PlanarProbUNet
 from probseg.models.punet import ProbUNet
 from probseg.models.registry import MODELS, class_path, get_model_class, register_model
+from probseg.models.ssn import StochasticSegmentationNetwork
 from probseg.models.unet import UNetBaseline
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "PlanarProbUNet",
     "ProbSegModel",
     "ProbUNet",
+    "StochasticSegmentationNetwork",
     "UNetBaseline",
     "class_path",
     "get_model_class",

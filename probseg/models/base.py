@@ -71,6 +71,10 @@ class ProbSegModel(pl.LightningModule):
     """
 
     registry_name: ClassVar[str] = ""
+    reconstructs: ClassVar[bool] = True
+    """Whether the task's :class:`~probseg.models.objectives.Reconstruction` adds ``rec_*`` terms
+    (a model whose own objective is its likelihood, like the SSN's, sets False; the fused target
+    is computed either way)."""
     LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {}
     """Hyperparameters a checkpoint written before they existed did not save, with the value that
     gives the behaviour it was trained with; :func:`probseg.load_model` fills them in."""
@@ -219,7 +223,8 @@ class ProbSegModel(pl.LightningModule):
         outputs = self.network(batch, target, generator)
         context = StepContext(batch, target, outputs, self.network, generator, self.training, self.global_step, stage)
         terms = LossTerms()
-        for objective in [self.reconstruction, *self.objectives, *(self.extra_objectives if stage else ())]:
+        own = [self.reconstruction] if self.reconstructs else []
+        for objective in [*own, *self.objectives, *(self.extra_objectives if stage else ())]:
             terms.add(objective(context))
         return terms
 
