@@ -105,18 +105,25 @@ def evaluate(model: Any, dm: Any, num_samples: int) -> dict[str, float]:
             masks = torch.stack([it["masks"] for it in items])
             rater_mask = torch.stack([it["rater_mask"] for it in items]) if "rater_mask" in items[0] else None
             generators = [torch.Generator().manual_seed(start + i) for i in range(len(items))]
-            pred = model.sample(images, num_samples, generator=generators).argmax(2)  # (B, S, H, W)
+            weight = None
+            if model.weighted:  # a mixture's hypotheses carry weights (MoSE)
+                logits, weight = model.sample_weighted(images, num_samples, generator=generators)
+            else:
+                logits = model.sample(images, num_samples, generator=generators)
+            pred = logits.argmax(2)  # (B, S, H, W)
             fg, raters = pred == 1, masks == 1
-            values["ged"] += generalized_energy_distance(fg, raters, rater_mask).tolist()
-            values["hm_iou"] += empirical_wasserstein(fg, raters, "iou", rater_mask).tolist()
-            values["diversity"] += sample_diversity(fg).tolist()
+            values["ged"] += generalized_energy_distance(fg, raters, rater_mask, sample_weight=weight).tolist()
+            values["hm_iou"] += empirical_wasserstein(fg, raters, "iou", rater_mask, sample_weight=weight).tolist()
+            values["diversity"] += sample_diversity(fg, sample_weight=weight).tolist()
             sigmas = model.prior_sigmas(images)
             if sigmas is not None:
                 values["gini"] += gini_index(sigmas.double()).tolist()
             if hasattr(ds, "lobe_region"):
                 for j, i in enumerate(range(start, start + len(items))):
                     if ds.lobe_region(i).any():
-                        lobe.append((ds.case(i).lobe_probability, ds.lobe_included(i, pred[j]).float().mean().item()))
+                        included = ds.lobe_included(i, pred[j]).float()
+                        q = included.mean() if weight is None else (included * weight[j] / weight[j].sum()).sum()
+                        lobe.append((ds.case(i).lobe_probability, q.item()))
     out = {k: float(np.mean(v)) if v else math.nan for k, v in values.items()}
     if lobe:
         p, q = map(np.array, zip(*lobe))
@@ -195,16 +202,17 @@ def training_curve(path: Path) -> dict[str, float]:
     return out
 
 
-def summarize(rows: list[dict[str, Any]], oracle: dict[str, dict[str, float]]) -> str:
-    metrics = ["ged", "hm_iou", "diversity", "gini", "gini_first", "gini_last", "kl_dims_active", "kl_total",
-               "lobe_ratio", "wall_s"]
+def summary_table(rows: list[dict[str, Any]], oracle: dict[str, dict[str, float]], key: str, order: list[str],
+                  metrics: list[str], datasets: list[str]) -> str:
+    """Markdown tables, one per dataset: a row per ``key`` value in ``order`` with mean ± std over
+    its runs of each metric, then the oracle row when there is one."""
     lines = []
-    for dataset in sorted({r["dataset"] for r in rows}):
+    for dataset in [d for d in datasets if any(r["dataset"] == d for r in rows)]:
         lines += [f"\n### {dataset} (mean ± std over seeds)\n",
-                  "| variant | seeds | " + " | ".join(metrics) + " |",
+                  f"| {key} | seeds | " + " | ".join(metrics) + " |",
                   "| --- | ---: | " + " | ".join("---:" for _ in metrics) + " |"]
-        for variant in VARIANTS:
-            group = [r for r in rows if r["dataset"] == dataset and r["variant"] == variant]
+        for name in order:
+            group = [r for r in rows if r["dataset"] == dataset and r[key] == name]
             if not group:
                 continue
             cells = []
@@ -212,11 +220,33 @@ def summarize(rows: list[dict[str, Any]], oracle: dict[str, dict[str, float]]) -
                 vals = np.array([float(r.get(m, math.nan)) for r in group], dtype=float)
                 vals = vals[~np.isnan(vals)]
                 cells.append("–" if not len(vals) else f"{vals.mean():.3f} ± {vals.std(ddof=1) if len(vals) > 1 else 0:.3f}")
-            lines.append(f"| {variant} | {len(group)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
         if dataset in oracle:
             o = oracle[dataset]
             lines.append("| oracle | – | " + " | ".join(f"{o[m]:.3f}" if m in o else "–" for m in metrics) + " |")
     return "\n".join(lines)
+
+
+def run_jobs(jobs: list[tuple], worker: Any, table: Path, fields: list[str], processes: int,
+             describe: Any) -> list[dict[str, Any]]:
+    """Run ``worker`` over ``jobs`` in ``processes`` fresh processes (one job each), writing each
+    row to the CSV ``table`` as it arrives and printing ``describe(row)``."""
+    rows: list[dict[str, Any]] = []
+    with mp.get_context("spawn").Pool(processes, maxtasksperchild=1) as pool, open(table, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for n, row in enumerate(pool.imap_unordered(worker, jobs), 1):
+            rows.append(row)
+            writer.writerow(row)
+            f.flush()
+            print(f"[{n}/{len(jobs)}] {describe(row)}", flush=True)
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]], oracle: dict[str, dict[str, float]]) -> str:
+    metrics = ["ged", "hm_iou", "diversity", "gini", "gini_first", "gini_last", "kl_dims_active", "kl_total",
+               "lobe_ratio", "wall_s"]
+    return summary_table(rows, oracle, "variant", list(VARIANTS), metrics, sorted(DATASETS))
 
 
 def main() -> None:
@@ -242,17 +272,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = out / "runs.csv"
-    rows: list[dict[str, Any]] = []
     print(f"{len(jobs)} runs of {args.steps} steps, {args.jobs} at a time; rows go to {table}", flush=True)
-    with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool, open(table, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for n, row in enumerate(pool.imap_unordered(run_one, jobs), 1):
-            rows.append(row)
-            writer.writerow(row)
-            f.flush()
-            print(f"[{n}/{len(jobs)}] {row['dataset']} {row['variant']} seed {row['seed']}: GED {row['ged']:.3f}, "
-                  f"HM-IoU {row['hm_iou']:.3f}, diversity {row['diversity']:.3f}, {row['wall_s']:.0f} s", flush=True)
+    rows = run_jobs(jobs, run_one, table, CSV_FIELDS, args.jobs, lambda row: (
+        f"{row['dataset']} {row['variant']} seed {row['seed']}: GED {row['ged']:.3f}, HM-IoU {row['hm_iou']:.3f}, "
+        f"diversity {row['diversity']:.3f}, {row['wall_s']:.0f} s"))
     oracle = {}
     if "synthetic" in args.datasets:
         oracle["synthetic"] = oracle_row(data_module("synthetic", args.lidc), args.num_samples)

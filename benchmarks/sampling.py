@@ -21,28 +21,34 @@ import statistics
 
 import torch
 from _timing import timed
+from _zoo import build
 import torch.nn.functional as F
 
 from probseg.models import MODELS, ProbUNet
 
 
+def sampling_ratio(model: torch.nn.Module, x: torch.Tensor, s: int, rounds: int) -> tuple[float, float]:
+    """(median ms of one hypothesis, median ratio of S hypotheses to one) of a model in eval mode:
+    one and S timed in each round, in alternating order, after a warm-up of both."""
+    one_times, ratios = [], []
+    with torch.inference_mode():
+        model.sample(x, 1), model.sample(x, s)
+        for i in range(rounds):  # alternate which goes first: neither gets the warmer start
+            pair = [lambda: model.sample(x, 1), lambda: model.sample(x, s)]  # noqa: B023
+            first, second = (timed(f, 1, x.device) for f in (pair if i % 2 == 0 else pair[::-1]))
+            one, many = (first, second) if i % 2 == 0 else (second, first)
+            one_times.append(one)
+            ratios.append(many / one)
+    return statistics.median(one_times) * 1e3, statistics.median(ratios)
+
+
 def zoo_sampling_ratios(filters: list[int], convs: int, x: torch.Tensor, s: int, rounds: int) -> dict[str, tuple[float, float]]:
-    """Registry name -> (median ms of one hypothesis, median ratio of S hypotheses to one), one
-    and S timed in each round (in alternating order), after a warm-up of both."""
+    """Registry name -> :func:`sampling_ratio` of a freshly initialised model of that config."""
     results = {}
-    for name, cls in sorted(MODELS.items()):
+    for name in sorted(MODELS):
         torch.manual_seed(0)
-        model = cls(num_filters=filters, convs_per_block=convs).to(x.device).eval()
-        one_times, ratios = [], []
-        with torch.inference_mode():
-            model.sample(x, 1), model.sample(x, s)
-            for i in range(rounds):  # alternate which goes first: neither gets the warmer start
-                pair = [lambda: model.sample(x, 1), lambda: model.sample(x, s)]  # noqa: B023
-                first, second = (timed(f, 1, x.device) for f in (pair if i % 2 == 0 else pair[::-1]))
-                one, many = (first, second) if i % 2 == 0 else (second, first)
-                one_times.append(one)
-                ratios.append(many / one)
-        results[name] = (statistics.median(one_times) * 1e3, statistics.median(ratios))
+        model = build(name, filters, convs).to(x.device).eval()
+        results[name] = sampling_ratio(model, x, s, rounds)
     return results
 
 

@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from _zoo import build
+
 from probseg.models import MODELS
 
 CONFIGS = {
@@ -63,7 +65,7 @@ def measure(name: str, config: str, variant: str, steps: int, device: torch.devi
     batch = {"image": torch.rand(c["batch"], 1, c["size"], c["size"], generator=g).to(device),
              "masks": torch.randint(0, 2, (c["batch"], 4, c["size"], c["size"]), generator=g).to(device)}
     torch.manual_seed(0)
-    model = MODELS[name](num_filters=c["filters"], convs_per_block=c["convs"]).to(device)
+    model = build(name, c["filters"], c["convs"]).to(device)
     if variant == "channels_last":
         model = model.to(memory_format=torch.channels_last)
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)

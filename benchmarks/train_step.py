@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from _zoo import build
+
 from probseg.models import MODELS
 
 
@@ -35,7 +37,7 @@ def measure(name: str, small: bool, repeats: int, device: torch.device) -> tuple
         "masks": torch.randint(0, 2, (batch, 4, size, size), generator=g).to(device),
     }
     torch.manual_seed(0)
-    model = MODELS[name](num_filters=filters, convs_per_block=convs).to(device)
+    model = build(name, filters, convs).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step() -> None:

@@ -156,16 +156,29 @@ def unique_keys(keys: list[str]) -> list[str]:
     return result
 
 
-def summarize(logits: torch.Tensor) -> dict[str, np.ndarray]:
-    """(S, K, H, W) logits of one image -> samples, probabilities, mean and std as numpy arrays."""
+def summarize(logits: torch.Tensor, weights: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """(S, K, H, W) logits of one image -> samples, probabilities, weights (S,), mean and std as
+    numpy arrays. With ``weights`` (S,) (a mixture's hypotheses) the mean and std are weighted."""
     import torch
 
     probs = logits.float().softmax(dim=1)
+    s = probs.shape[0]
+    if weights is None:
+        weights = torch.full((s,), 1 / s)
+        mean, std = probs.mean(0), probs.std(0, unbiased=False)
+    else:
+        weights = weights.detach().float().cpu()
+        if weights.shape != (s,):
+            raise ValueError(f"weights must have shape (S,) = ({s},), got {tuple(weights.shape)}")
+        w = (weights / weights.sum())[:, None, None, None]
+        mean = (w * probs).sum(0)
+        std = (w * (probs - mean) ** 2).sum(0).sqrt()
     return {
         "samples": probs.argmax(dim=1).to(torch.uint8).numpy(),
         "probabilities": probs.numpy(),
-        "mean": probs.mean(0).numpy(),
-        "std": probs.std(0, unbiased=False).numpy(),
+        "weights": weights.numpy(),
+        "mean": mean.numpy(),
+        "std": std.numpy(),
     }
 
 
@@ -175,13 +188,18 @@ def foreground(probabilities: np.ndarray) -> np.ndarray:
 
 
 def write_outputs(
-    out: Path, key: str, image: np.ndarray, logits: torch.Tensor, raters: np.ndarray | None, *, plot: bool = True
+    out: Path, key: str, image: np.ndarray, logits: torch.Tensor, raters: np.ndarray | None, *, plot: bool = True,
+    weights: torch.Tensor | None = None,
 ) -> list[Path]:
-    """Write ``<key>.npz`` and (with ``plot``) ``<key>.png`` for one image; return the paths written."""
+    """Write ``<key>.npz`` and (with ``plot``) ``<key>.png`` for one image; return the paths written.
+
+    The npz holds ``image``, ``samples`` (S, H, W), ``probabilities`` (S, K, H, W), ``weights``
+    (S,) (1 / S each unless the model weights its hypotheses), ``mean``, ``std`` and, when known,
+    ``raters``."""
     import numpy as np
 
     out.mkdir(parents=True, exist_ok=True)
-    arrays = summarize(logits)
+    arrays = summarize(logits, weights)
     extra = {} if raters is None else {"raters": raters}
     npz = out / f"{key}.npz"
     np.savez_compressed(npz, image=image, **arrays, **extra)

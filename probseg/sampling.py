@@ -175,14 +175,20 @@ def run(args: argparse.Namespace) -> list[Path]:
         for item in items:
             try:
                 batch = torch.from_numpy(item.image)[None].to(device)
-                logits = model.sample(batch, args.num_samples, generator=generator)[0].cpu()
+                weights = None
+                if model.weighted:  # a mixture's hypotheses carry weights
+                    logits, weights = model.sample_weighted(batch, args.num_samples, generator=generator)
+                    weights = weights[0].cpu()
+                else:
+                    logits = model.sample(batch, args.num_samples, generator=generator)
+                logits = logits[0].cpu()
             except (ValueError, TypeError) as err:
                 raise InputError(f"{item.source}: {err}") from None
             except RuntimeError as err:  # e.g. out of device memory, or a kernel missing on this device
                 oom = isinstance(err, torch.cuda.OutOfMemoryError)
                 hint = " (try fewer --num-samples or --device cpu)" if oom else ""
                 raise SamplingError(f"{item.source}: sampling on {device} failed{hint}: {err}") from None
-            written += write_outputs(out, item.key, item.image, logits, item.raters)
+            written += write_outputs(out, item.key, item.image, logits, item.raters, weights=weights)
     return written
 
 

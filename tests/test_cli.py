@@ -97,13 +97,21 @@ def test_every_model_trains_checkpoints_reloads_and_samples_through_the_cli(name
     assert type(model) is MODELS[name]
     assert model.sample(torch.rand(3, 1, 32, 32), 4).shape == (3, 4, 2, 32, 32)
     keys = _metric_keys(tmp_path)
-    latent = name not in ("unet", "ssn")  # a KL term; the U-Net has no prior (no Gini), the SSN a factor
-    gini = name != "unet"  # the SSN's Gini is over its low-rank factor's singular values
+    latent = name not in ("unet", "ssn", "mose")  # a KL term; the U-Net has no prior (no Gini), the SSN a factor
+    gini = name != "unet"  # the SSN's Gini is over its low-rank factor's singular values, MoSE's over its experts'
     assert {"train/loss", "train/rec", "val/loss"} | ({"train/kl"} if latent else set()) <= keys
     if name == "csae":
         assert {"train/sinkhorn", "val/sinkhorn"} <= keys
     if name == "ssn":
         assert {"train/rec_ssn", "val/rec_ssn"} <= keys and not {"train/kl", "train/rec_ce"} & keys
+    if name in ("phiseg", "hpunet"):  # one KL and one Gini curve per latent level
+        assert {"train/kl_level0", "train/kl_level1", "train/gini_level0", "train/gini_level1"} <= keys
+    if name == "phiseg":
+        assert {"train/rec_ce", "train/rec_level1"} <= keys
+    if name == "hpunet":
+        assert "train/rec_topk" in keys and "train/rec_ce" not in keys
+    if name == "mose":
+        assert {"train/rec_ot", "train/gate_kl", "val/rec_ot"} <= keys and "train/kl" not in keys
     # The default evaluation and Gini callbacks run for every zoo model.
     metrics = [m for m in METRIC_NAMES if gini or m != "gini"]
     assert {f"val/{m}" for m in metrics} | ({"train/gini"} if gini else set()) <= keys

@@ -62,7 +62,36 @@ def test_sample_writes_npz_and_png_for_each_file_format(checkpoint: Path, tmp_pa
         np.testing.assert_allclose(data["mean"], data["probabilities"].mean(0), atol=1e-6)
         np.testing.assert_allclose(data["std"], data["probabilities"].std(0), atol=1e-6)
         np.testing.assert_array_equal(data["samples"], data["probabilities"].argmax(1))
+        np.testing.assert_allclose(data["weights"], np.full(6, 1 / 6))
         assert "raters" not in data
+
+
+def test_a_mixtures_weights_are_written_and_weigh_the_mean(tmp_path: Path) -> None:
+    """MoSE: the npz holds the weights of sample_weighted (same seed), and the mean and std are
+    the weighted ones."""
+    from probseg.models import MODELS
+    from tests.models.test_zoo import TINY_ARGS
+
+    pl.seed_everything(0)
+    model = MODELS["mose"](**TINY_ARGS["mose"])
+    path = tmp_path / "mose.ckpt"
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         limit_val_batches=0)
+    trainer.fit(model, datamodule=SyntheticDataModule(**TINY_DATA))
+    trainer.save_checkpoint(path)
+    paths = _write_inputs(tmp_path)
+    assert main(["--ckpt", str(path), "--num-samples", "5", "--out", str(tmp_path / "out"), "--input", str(paths["npy"])]) == 0
+    data = np.load(tmp_path / "out" / "scan.npz")
+    image = torch.from_numpy(data["image"])[None]
+    with torch.no_grad():
+        _, weights = model.eval().sample_weighted(image, 5, torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(data["weights"], weights[0].numpy(), atol=1e-6)
+    assert not np.allclose(data["weights"], 0.2)  # the gate's weights, not uniform ones
+    w = data["weights"][:, None, None, None]
+    mean = (w * data["probabilities"]).sum(0)
+    np.testing.assert_allclose(data["mean"], mean, atol=1e-6)
+    np.testing.assert_allclose(data["std"], np.sqrt((w * (data["probabilities"] - mean) ** 2).sum(0)), atol=1e-6)
 
 
 def test_png_is_scaled_to_unit_range(tmp_path: Path) -> None:

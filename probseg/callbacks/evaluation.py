@@ -223,10 +223,16 @@ class EvaluationCallback(Callback):
         images = batch["image"]
         inputs = images.to(next(model.parameters()).dtype)
         generators = draw_generators(batch, self.seed, batch_idx, images.device)
-        probs = model.sample(inputs, self.num_samples, generator=generators).float().softmax(dim=2)
+        weight = None
+        if model.weighted:  # a mixture's hypotheses carry weights; the others weigh 1 / S
+            logits, weight = model.sample_weighted(inputs, self.num_samples, generator=generators)
+        else:
+            logits = model.sample(inputs, self.num_samples, generator=generators)
+        probs = logits.float().softmax(dim=2)
         sigma = model.prior_sigmas(inputs)
         self._metric(key, pl_module, gini=sigma is not None).update(
-            probs, batch["masks"], batch.get("rater_mask"), batch_index(batch), None if sigma is None else sigma.float())
+            probs, batch["masks"], batch.get("rater_mask"), batch_index(batch), None if sigma is None else sigma.float(),
+            sample_weight=weight)
         return probs
 
     @torch.no_grad()

@@ -15,7 +15,9 @@ from probseg.metrics.functional import gini_index
 class GiniCallback(Callback):
     """Log ``train/gini``, the mean Gini index of the prior sigmas of the current training batch,
     every ``every_n_steps`` optimizer steps, straight to the loggers (so the curve does not depend
-    on ``log_every_n_steps``). Models without a latent prior are skipped.
+    on ``log_every_n_steps``). Models without a latent prior are skipped; hierarchical models
+    (PHiSeg, HPU-Net) also log ``train/gini_level<l>``, each latent level's own (0: the finest),
+    next to the whole model's.
 
     Args:
         every_n_steps: logging interval in optimizer steps.
@@ -41,5 +43,10 @@ class GiniCallback(Callback):
             return
         value = float(gini_index(sigma.float()).mean())
         self.history.append((step, value))
+        values = {"train/gini": value}
+        network = getattr(pl_module, "network", None)
+        per_level = network.prior_sigmas_per_level(batch["image"]) if network is not None else None
+        for level, level_sigma in (per_level or {}).items():  # hierarchical models: one curve per level
+            values[f"train/gini_{level}"] = float(gini_index(level_sigma.float()).mean())
         for logger in trainer.loggers:
-            logger.log_metrics({"train/gini": value}, step=step)
+            logger.log_metrics(values, step=step)

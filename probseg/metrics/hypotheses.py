@@ -6,6 +6,10 @@ stores, per image: the Hungarian-matched empirical Wasserstein metric for each k
 ``bdice`` and, when the prior's sigmas are given, ``gini``. The 1 - IoU distances are computed once and
 shared by ``hm_iou``, ``ged`` and ``diversity``.
 
+Weighted hypotheses (``update(..., sample_weight=...)``, e.g. a mixture of experts): the set
+metrics weight each hypothesis (see :mod:`probseg.metrics.functional.sets`) and the mean
+prediction behind ``ece``, ``dice`` and ``bdice`` is the weighted mean.
+
 Hypotheses are binarized by arg-max (for K = 2: foreground where p > 0.5). With K > 2 classes
 the pairwise costs are one-vs-rest per foreground class, averaged over the classes (so each
 hypothesis is matched as a whole segmentation).
@@ -114,6 +118,7 @@ class HypothesisMetrics(PerImageMetric):
         rater_mask: torch.Tensor | None = None,
         index: torch.Tensor | None = None,
         sigma: torch.Tensor | None = None,
+        sample_weight: torch.Tensor | None = None,
     ) -> None:
         """Add a batch.
 
@@ -123,6 +128,7 @@ class HypothesisMetrics(PerImageMetric):
             rater_mask: (B, R) bool; absent raters are left out.
             index: (B,) dataset indices (deduplication of padded DDP repeats).
             sigma: (B, L) prior standard deviations, required when ``gini`` is stored.
+            sample_weight: (B, S) weights of the hypotheses (None: uniform).
         """
         if probs.ndim != 5 or probs.shape[2] != self.num_classes:
             raise ValueError(f"probs must be (B, S, {self.num_classes}, H, W) class probabilities, got {tuple(probs.shape)}")
@@ -142,14 +148,17 @@ class HypothesisMetrics(PerImageMetric):
             labels = (probs[:, :, 1] > probs[:, :, 0]).long()  # arg-max, ties to class 0, without a strided reduction
         else:
             labels = probs.movedim(2, -1).contiguous().argmax(dim=-1)
+        weight = F.sample_weights(sample_weight, probs.shape[:2])
         costs = self._costs(probs, labels, target)
-        values = {f"hm_{k}": F.matched_cost(costs[k], rater_mask) for k in self.kernels}
+        values = {f"hm_{k}": F.matched_cost(costs[k], rater_mask, weight) for k in self.kernels}
         iou = costs["iou"]
         within_pred = self._within(labels)
         within_target = self._within(target)
-        values["ged"] = F.energy_distance_from_costs(iou, within_pred, within_target, rater_mask, self.self_pairs)
-        ones = torch.ones(within_pred.shape[:2], dtype=within_pred.dtype, device=within_pred.device)
-        values["diversity"] = F.set_mean(within_pred, ones, ones, self.self_pairs)
+        values["ged"] = F.energy_distance_from_costs(iou, within_pred, within_target, rater_mask, self.self_pairs,
+                                                     weight)
+        values["diversity"] = F.diversity_from_costs(within_pred, self.self_pairs, weight)
+        if weight is not None:  # the weighted mean prediction, as one hypothesis
+            probs = (probs * weight.to(probs.dtype)[:, :, None, None, None]).sum(dim=1, keepdim=True)
         values.update(mean_prediction_values(probs, target, rater_mask, self.num_bins))
         if "gini" in self.value_names:
             values["gini"] = F.gini_index(sigma)

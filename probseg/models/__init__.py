@@ -3,6 +3,9 @@
 from probseg.models.base import ProbSegModel
 from probseg.models.csae import ConditionalSinkhornAutoencoder
 from probseg.models.planar import PlanarProbUNet
+from probseg.models.hpunet import HierarchicalProbUNet
+from probseg.models.mose import MixtureOfStochasticExperts
+from probseg.models.phiseg import PHiSeg
 from probseg.models.punet import ProbUNet
 from probseg.models.registry import MODELS, class_path, get_model_class, register_model
 from probseg.models.ssn import StochasticSegmentationNetwork
@@ -11,6 +14,9 @@ from probseg.models.unet import UNetBaseline
 __all__ = [
     "MODELS",
     "ConditionalSinkhornAutoencoder",
+    "HierarchicalProbUNet",
+    "MixtureOfStochasticExperts",
+    "PHiSeg",
     "PlanarProbUNet",
     "ProbSegModel",
     "ProbUNet",

@@ -171,6 +171,24 @@ class ProbSegModel(pl.LightningModule):
         """
         return self.network.sample(images, num_samples, generator)
 
+    def sample_weighted(self, images: torch.Tensor, num_samples: int = 16,
+                        generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw hypotheses with their weights, for models whose hypotheses are not equally likely
+        (a mixture of experts); every other model gives the uniform weights 1 / S.
+
+        Args:
+            images, num_samples, generator: as in :meth:`sample`.
+
+        Returns:
+            (B, S, K, H, W) logits and (B, S) float32 weights summing to 1 per image.
+        """
+        return self.network.sample_weighted(images, num_samples, generator)
+
+    @property
+    def weighted(self) -> bool:
+        """True when :meth:`sample_weighted` gives non-uniform weights."""
+        return self.network.weighted
+
     def forward(self, images: torch.Tensor, num_samples: int = 1) -> torch.Tensor:
         """Alias of :meth:`sample`: (B, C, H, W) -> (B, S, K, H, W) logits."""
         return self.sample(images, num_samples)

@@ -31,6 +31,8 @@ class Network(nn.Module):
       :data:`NetworkOutput` (the tensors and distributions its objectives need; nothing is kept
       on ``self`` between calls);
     * :meth:`sample`: S hypotheses per image, (B, S, K, H, W) logits;
+    * :meth:`sample_weighted` when its hypotheses carry weights (a mixture, e.g. MoSE; set
+      :attr:`weighted`); every other network's hypotheses weigh 1 / S each;
     * optionally :meth:`prior_sigmas` (the Gini index of latent models) and :attr:`deterministic`.
     """
 
@@ -49,6 +51,17 @@ class Network(nn.Module):
         """(B, C, H, W) images -> (B, S, K, H, W) logits of S hypotheses per image."""
         raise NotImplementedError
 
+    weighted: bool = False
+    """True when :meth:`sample_weighted` gives non-uniform weights (evaluation then weights the
+    set metrics); False: every hypothesis weighs 1 / S."""
+
+    def sample_weighted(self, images: torch.Tensor, num_samples: int = 16,
+                        generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """S hypotheses and their weights: (B, S, K, H, W) logits and (B, S) float32 weights that
+        sum to 1 per image (uniform, 1 / S, unless the network overrides this)."""
+        logits = self.sample(images, num_samples, generator)
+        return logits, torch.full(logits.shape[:2], 1 / num_samples, device=logits.device)
+
     @property
     def deterministic(self) -> bool:
         """True when every hypothesis of an image is the same (e.g. a U-Net without dropout)."""
@@ -56,6 +69,11 @@ class Network(nn.Module):
 
     def prior_sigmas(self, images: torch.Tensor) -> torch.Tensor | None:
         """Singular values of the prior p(z|x), (B, L), for the Gini index; None without a prior."""
+        return None
+
+    def prior_sigmas_per_level(self, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """{"level<l>": (B, n_l)} prior sigmas of each latent level of a hierarchical model (the
+        Gini index per level); None for a model with one latent level or none."""
         return None
 
     def predictive_log_probabilities(self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None,

@@ -255,6 +255,46 @@ class KLDivergence(Objective):
         return self.terms(*self.estimates(context.outputs), context.step, context.training)
 
 
+class HierarchicalKL(KLDivergence):
+    """beta * sum_l w_l KL(q_l || p_l) over the latent levels of a hierarchical model (PHiSeg,
+    HPU-Net): term ``kl``; diagnostics ``kl_level<l>`` (unweighted, batch mean; level 0 is the
+    finest) and, during a warm-up, ``kl_weight``.
+
+    Reads ``outputs["posteriors"]`` and ``outputs["priors"]``: per level, coarse to fine,
+    axis-aligned Normals over the level's latent map (batch (B,)), the prior conditioned on the
+    posterior's draws of the levels above. Each KL is in closed form, summed over the map.
+
+    Args:
+        level_weights: w_l, finest level first (PHiSeg: 4^l, HPU-Net: all 1).
+        beta, warmup_steps: as in :class:`KLDivergence`.
+        free_bits: a floor in nats on the batch-mean KL of each level (0: off).
+    """
+
+    def __init__(self, level_weights: list[float], beta: float = 1.0, warmup_steps: int = 0,
+                 free_bits: float = 0.0) -> None:
+        super().__init__(beta, warmup_steps, free_bits)
+        if any(w < 0 for w in level_weights):
+            raise ValueError(f"level weights must be non-negative, got {level_weights}")
+        self.level_weights = list(level_weights)
+
+    def __call__(self, context: StepContext) -> LossTerms:
+        posteriors, priors = context.outputs["posteriors"], context.outputs["priors"]
+        if len(posteriors) != len(self.level_weights) or len(priors) != len(posteriors):
+            raise ValueError(f"expected {len(self.level_weights)} latent levels, got {len(posteriors)} posteriors "
+                             f"and {len(priors)} priors")
+        # coarse to fine in the outputs; level 0 (weight w_0) is the finest
+        per_level = torch.stack([kl_divergence(q, p) for q, p in zip(posteriors[::-1], priors[::-1])], dim=1)  # (B, L)
+        means = per_level.mean(0)
+        if self.free_bits > 0:
+            means = means.clamp_min(self.free_bits)
+        weights = torch.as_tensor(self.level_weights, dtype=means.dtype, device=means.device)
+        weight = self.weight(context.step, context.training)
+        diagnostics = {f"kl_level{l}": value for l, value in enumerate(per_level.mean(0).detach().unbind())}
+        if self.warmup_steps and context.training:
+            diagnostics["kl_weight"] = torch.tensor(weight, device=means.device)
+        return LossTerms({"kl": weight * (weights * means).sum()}, diagnostics)
+
+
 def sinkhorn_divergence(
     x: torch.Tensor, y: torch.Tensor, blur: float = 0.05, diameter: float | None = 100.0, scaling: float = 0.5
 ) -> torch.Tensor:

@@ -322,3 +322,31 @@ def test_mean_prediction_metrics_match_references(k: int) -> None:
         assert values["ece"][i].item() == pytest.approx(ref_ece(one, target[i], present[i], 15), abs=TOL)
         assert values["dice"][i].item() == pytest.approx(ref_dice(one, target[i], present[i]), abs=TOL)
         assert values["bdice"][i].item() == pytest.approx(ref_bdice(one, target[i], present[i]), abs=TOL)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_hypothesis_metrics_with_integer_weights_equal_the_repeated_set(k: int) -> None:
+    """Weights n_i (integers) give every value of the set where hypothesis i appears n_i times
+    (the weighted optimal transport, weighted GED and diversity, the weighted mean prediction);
+    uniform weights give the unweighted values."""
+    probs, target = _hypotheses(k, seed=20 + k)
+    present = D["present"]
+    counts = np.random.default_rng(k).integers(1, 4, (N, S))
+    weighted = HypothesisMetrics(num_classes=k, gini=False)
+    weighted.update(torch.as_tensor(probs), torch.as_tensor(target), torch.as_tensor(present),
+                    sample_weight=torch.as_tensor(counts, dtype=torch.float64))
+    got, _ = weighted.per_image()
+    for i in range(N):
+        repeated = HypothesisMetrics(num_classes=k, gini=False)
+        repeated.update(torch.as_tensor(np.repeat(probs[i : i + 1], counts[i], axis=1)), torch.as_tensor(target[i : i + 1]),
+                        torch.as_tensor(present[i : i + 1]))
+        expect, _ = repeated.per_image()
+        for name, value in expect.items():
+            assert got[name][i].item() == pytest.approx(value.item(), abs=TOL), (name, i)
+    uniform = HypothesisMetrics(num_classes=k, gini=False)
+    uniform.update(torch.as_tensor(probs), torch.as_tensor(target), torch.as_tensor(present),
+                   sample_weight=torch.full((N, S), 3.0))
+    plain = HypothesisMetrics(num_classes=k, gini=False)
+    plain.update(torch.as_tensor(probs), torch.as_tensor(target), torch.as_tensor(present))
+    for name, value in plain.per_image()[0].items():
+        torch.testing.assert_close(uniform.per_image()[0][name], value, atol=TOL, rtol=0, msg=name)

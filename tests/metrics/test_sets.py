@@ -274,3 +274,95 @@ def test_rater_mask_errors(rater_mask, exc, match) -> None:
     cost = torch.rand(1, 4, 2)
     with pytest.raises(exc, match=match):
         matched_cost(cost, rater_mask)
+
+
+# ----------------------------------------------------------------------------- weighted hypotheses
+
+
+def _integer_weights(seed: int, b: int, s: int) -> np.ndarray:
+    """(B, S) positive integer weights, so a weighted set equals a set with repeats."""
+    weights = np.random.default_rng(seed).integers(1, 4, (b, s))
+    weights[0, 0] = 0 if s > 1 else 1  # a hypothesis without mass
+    return weights
+
+
+def _repeat(members: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    return np.repeat(members, counts, axis=0)
+
+
+@pytest.mark.parametrize("s,r", [(2, 2), (3, 2), (4, 3), (5, 4), (1, 3)])
+def test_weighted_matched_cost_equals_matching_of_the_repeated_set(s: int, r: int) -> None:
+    """Integer weights n_i: the weighted optimal transport cost is the uniform one of the set
+    where hypothesis i appears n_i times (brute force on the replicated sets)."""
+    cost = _costs(s * 7 + r, 4, s, r)
+    weights = _integer_weights(s + r, 4, s)
+    got = matched_cost(torch.as_tensor(cost), sample_weight=torch.as_tensor(weights, dtype=torch.float32)).numpy()
+    expect = [ref_ot_lp(_repeat(c, w)) for c, w in zip(cost, weights)]
+    np.testing.assert_allclose(got, expect, rtol=1e-9, atol=1e-9)
+
+
+def test_weighted_matched_cost_with_uniform_weights_is_the_unweighted_value_exactly() -> None:
+    cost = torch.as_tensor(_costs(3, 5, 6, 4))
+    weights = torch.full((5, 6), 0.25)  # unnormalised, uniform
+    assert torch.equal(matched_cost(cost, sample_weight=weights), matched_cost(cost))
+
+
+def test_weighted_matched_cost_by_hand() -> None:
+    """Two hypotheses, one rater of cost 0 for the first: weights (0.9, 0.1) -> 0.1 * c_2."""
+    cost = torch.tensor([[[0.0], [1.0]]], dtype=torch.float64)
+    got = matched_cost(cost, sample_weight=torch.tensor([[0.9, 0.1]], dtype=torch.float64))
+    assert got.item() == pytest.approx(0.1, abs=1e-12)
+
+
+@pytest.mark.parametrize("self_pairs", [True, False])
+def test_weighted_ged_and_diversity_are_the_weighted_expectations(self_pairs: bool) -> None:
+    """Against python loops of sum_ij w_i w_j d_ij / sum_ij w_i w_j (i = j left out of both sums
+    without self-pairs); with self-pairs, integer weights equal the repeated set."""
+    rng = np.random.default_rng(5)
+    b, s, r, h, w = 3, 4, 3, 8, 8
+    pred = rng.random((b, s, h, w)) > 0.6
+    target = rng.random((b, r, h, w)) > 0.6
+    weights = _integer_weights(2, b, s).astype(float)
+    got_ged = generalized_energy_distance(torch.as_tensor(pred), torch.as_tensor(target), self_pairs=self_pairs,
+                                          sample_weight=torch.as_tensor(weights))
+    got_div = sample_diversity(torch.as_tensor(pred), self_pairs, sample_weight=torch.as_tensor(weights))
+    from tests.metrics._reference import ref_iou
+
+    for i in range(b):
+        wi = weights[i] / weights[i].sum()
+        pairs = [(a, c) for a in range(s) for c in range(s) if self_pairs or a != c]
+        norm = sum(wi[a] * wi[c] for a, c in pairs)
+        within = sum(wi[a] * wi[c] * ref_iou(pred[i, a], pred[i, c]) for a, c in pairs) / norm
+        cross = sum(wi[a] * ref_iou(pred[i, a], target[i, j]) for a in range(s) for j in range(r)) / r
+        rpairs = [(a, c) for a in range(r) for c in range(r) if self_pairs or a != c]
+        within_t = sum(ref_iou(target[i, a], target[i, c]) for a, c in rpairs) / len(rpairs)
+        assert got_div[i].item() == pytest.approx(within, abs=1e-6)
+        assert got_ged[i].item() == pytest.approx(2 * cross - within - within_t, abs=1e-6)
+        if self_pairs:
+            counts = weights[i].astype(int)
+            assert got_ged[i].item() == pytest.approx(ref_ged(_repeat(pred[i], counts), target[i]), abs=1e-6)
+
+
+def test_weighted_ged_with_uniform_weights_equals_unweighted() -> None:
+    rng = np.random.default_rng(6)
+    pred = torch.as_tensor(rng.random((2, 5, 8, 8)) > 0.5)
+    target = torch.as_tensor(rng.random((2, 3, 8, 8)) > 0.5)
+    for self_pairs in (True, False):
+        torch.testing.assert_close(
+            generalized_energy_distance(pred, target, self_pairs=self_pairs, sample_weight=torch.ones(2, 5)),
+            generalized_energy_distance(pred, target, self_pairs=self_pairs), atol=set_metric_bound(5, 3), rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("weight", "match"),
+    [
+        (torch.ones(1, 3), r"\(B, S\)"),
+        (torch.tensor([[1.0, -1.0, 1.0, 1.0]]), "non-negative"),
+        (torch.zeros(1, 4), "positive sum"),
+        (torch.tensor([[1.0, float("nan"), 1.0, 1.0]]), "finite"),
+        ([[1.0] * 4], "tensor"),
+    ],
+)
+def test_sample_weight_errors(weight, match) -> None:
+    with pytest.raises((ValueError, TypeError), match=match):
+        matched_cost(torch.rand(1, 4, 2), sample_weight=weight)

@@ -23,6 +23,9 @@ TINY_ARGS = {
     "csae": {**TINY_PUNET, "num_ot_samples": 4},
     "unet": {"num_filters": TINY_PUNET["num_filters"], "convs_per_block": 1, "dropout": 0.2},
     "ssn": {"num_filters": TINY_PUNET["num_filters"], "convs_per_block": 1, "rank": 3, "mc_samples": 4},
+    "phiseg": {"num_filters": [4, 8, 8], "convs_per_block": 1, "latent_levels": 2},
+    "hpunet": {"num_filters": [4, 8, 8], "convs_per_block": 1, "latent_levels": 2},
+    "mose": {"num_filters": TINY_PUNET["num_filters"], "convs_per_block": 1, "num_experts": 2, "samples_per_expert": 2},
 }
 
 
@@ -90,6 +93,8 @@ SOFT = {"fusion": "weighted_mean", "reconstruction": {"ce": 0.25, "dml1": 0.75},
 
 RECONSTRUCTING = sorted(name for name, cls in MODELS.items() if cls.reconstructs)
 """Models trained with the task's reconstruction loss (the SSN's own likelihood replaces it)."""
+MIX_ARGS = {"hpunet": {"top_k": 0}}
+"""What a model needs to train on the task's reconstruction (the HPU-Net's top-k CE replaces it)."""
 
 
 @pytest.mark.parametrize("fusion", ["random", "majority", "mean", "weighted_mean", "label_smoothing"])
@@ -99,7 +104,7 @@ def test_every_model_trains_on_every_fusion_with_a_loss_mix(name: str, fusion: s
     target, whose soft maps sum to 1 and reach the posterior encoder; the mix reloads from a
     checkpoint (plain dicts in the hyperparameters)."""
     torch.manual_seed(0)
-    model = MODELS[name](**TINY_ARGS[name], **{**SOFT, "fusion": fusion})
+    model = MODELS[name](**TINY_ARGS[name], **MIX_ARGS.get(name, {}), **{**SOFT, "fusion": fusion})
     batch = _batch()
     terms = model.loss_terms(batch, torch.Generator().manual_seed(0))
     assert {"rec_ce", "rec_dml1"} | ({"kl"} if name != "unet" else set()) <= set(terms)  # unet: no latent

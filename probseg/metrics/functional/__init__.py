@@ -25,11 +25,13 @@ from probseg.metrics.functional.kernels import (
     squared_distance_transform,
 )
 from probseg.metrics.functional.sets import (
+    diversity_from_costs,
     empirical_wasserstein,
     energy_distance_from_costs,
     generalized_energy_distance,
     matched_cost,
     sample_diversity,
+    sample_weights,
     set_mean,
 )
 
@@ -42,6 +44,7 @@ __all__ = [
     "check_kernels",
     "class_probabilities",
     "dice_score",
+    "diversity_from_costs",
     "empirical_wasserstein",
     "energy_distance_from_costs",
     "expected_calibration_error",
@@ -53,6 +56,7 @@ __all__ = [
     "pairwise_costs",
     "per_class_pairwise_cost",
     "sample_diversity",
+    "sample_weights",
     "set_mean",
     "squared_distance_transform",
 ]

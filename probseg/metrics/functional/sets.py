@@ -19,6 +19,18 @@
 * :func:`sample_diversity`: the within-set term E[d(S, S')] of the predictions.
 
 Raters absent from an image (``rater_mask`` False) are left out of every term.
+
+Weighted hypotheses (``sample_weight``, (B, S), e.g. a mixture of experts' samples): the
+predictions' empirical measure puts mass w_i / sum(w) on hypothesis i instead of 1 / S. The
+matched cost is then the exact optimal transport cost between that measure and the uniform
+measure on the present raters (the S x R transport linear program; an assignment no longer
+describes it), and every expectation of GED and diversity is weighted,
+
+.. math:: \\mathbb{E}_w[d(S, S')] = \\frac{\\sum_{i, j} w_i w_j d_{ij}}{\\sum_{i, j} w_i w_j}
+
+over the same pairs as unweighted (``self_pairs=False`` leaves i = j out of both sums). Uniform
+weights give the unweighted values (the matching then takes the assignment path, the same
+numbers exactly).
 """
 
 from __future__ import annotations
@@ -39,26 +51,55 @@ S x R transport linear program instead of an lcm(S, R)-sized assignment: the sam
 without a quadratic blow-up."""
 
 
-def _transport_lp(cost: np.ndarray) -> float:
-    """Exact optimal transport cost between uniform measures on the rows and columns of ``cost``."""
+def _transport_lp(cost: np.ndarray, row_mass: np.ndarray | None = None) -> float:
+    """Exact optimal transport cost between the measures on the rows (``row_mass``, uniform when
+    None) and the uniform measure on the columns of ``cost``."""
     from scipy.optimize import linprog
 
     s, r = cost.shape
-    rows = np.kron(np.eye(s), np.ones(r))  # sum_j P_ij = 1/S
+    row_mass = np.full(s, 1 / s) if row_mass is None else row_mass
+    rows = np.kron(np.eye(s), np.ones(r))  # sum_j P_ij = a_i
     cols = np.kron(np.ones(s), np.eye(r))  # sum_i P_ij = 1/R
-    result = linprog(cost.ravel(), A_eq=np.vstack([rows, cols]),
-                     b_eq=np.r_[np.full(s, 1 / s), np.full(r, 1 / r)], bounds=(0, None), method="highs")
+    # The last equality is implied by the others (both measures have mass 1): dropping it keeps
+    # the system full rank when the weights are rounded.
+    result = linprog(cost.ravel(), A_eq=np.vstack([rows, cols])[:-1],
+                     b_eq=np.r_[row_mass, np.full(r, 1 / r)][:-1], bounds=(0, None), method="highs")
     if not result.success:
         raise RuntimeError(f"the transport linear program failed: {result.message}")
     return float(result.fun)
 
 
-def matched_cost(cost: torch.Tensor, rater_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact optimal transport cost between uniform measures, from a pairwise cost.
+def sample_weights(sample_weight: torch.Tensor | None, shape: tuple[int, int] | torch.Size,
+                   name: str = "sample_weight", dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """The (B, S) hypothesis weights normalised to sum to 1 per image (in ``dtype``, default: the
+    weights' floating dtype); None stays None.
+
+    Raises a ValueError naming ``name`` for a wrong shape, a negative or non-finite weight, or an
+    image whose weights are all 0.
+    """
+    if sample_weight is None:
+        return None
+    if not isinstance(sample_weight, torch.Tensor):
+        raise TypeError(f"{name} must be a (B, S) tensor, got {type(sample_weight).__name__}")
+    if tuple(sample_weight.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape (B, S) = {tuple(shape)}, got {tuple(sample_weight.shape)}")
+    weight = sample_weight.to(dtype or (sample_weight.dtype if sample_weight.is_floating_point() else torch.float64))
+    total = weight.sum(dim=1, keepdim=True)
+    if not bool(((weight >= 0) & torch.isfinite(weight)).all() & (total > 0).all()):
+        raise ValueError(f"{name} must be finite and non-negative with a positive sum per image")
+    return weight / total
+
+
+def matched_cost(cost: torch.Tensor, rater_mask: torch.Tensor | None = None,
+                 sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact optimal transport cost between the predictions' and the raters' measures, from a
+    pairwise cost.
 
     Args:
         cost: (B, S, R) cost of every (prediction, rater) pair.
         rater_mask: (B, R) bool, True where the rater annotated the image (None: all did).
+        sample_weight: (B, S) non-negative weights of the predictions (None: uniform); see the
+            module docstring.
 
     Returns:
         (B,) mean matched cost, on ``cost``'s device and dtype.
@@ -68,12 +109,17 @@ def matched_cost(cost: torch.Tensor, rater_mask: torch.Tensor | None = None) -> 
     if not bool(torch.isfinite(cost).all()):
         raise ValueError("cost holds NaN or Inf")
     present = check_rater_mask(rater_mask, cost.transpose(1, 2)).cpu().numpy()
+    weights = sample_weights(sample_weight, cost.shape[:2], dtype=torch.float64)
+    weights = None if weights is None else weights.detach().cpu().numpy()
     costs = cost.detach().cpu().double().numpy()
     s = costs.shape[1]
     out = np.empty(costs.shape[0])
     for b, (c, keep) in enumerate(zip(costs, present)):
         c = c[:, keep]
         r = c.shape[1]
+        if weights is not None and not np.all(weights[b] == weights[b, 0]):
+            out[b] = _transport_lp(c, weights[b])
+            continue
         n = math.lcm(s, r)
         if n > LP_ABOVE:
             out[b] = _transport_lp(c)
@@ -91,6 +137,7 @@ def empirical_wasserstein(
     rater_mask: torch.Tensor | None = None,
     *,
     eps: float = CE_EPS,
+    sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hungarian-matched empirical Wasserstein metric of each image.
 
@@ -100,15 +147,17 @@ def empirical_wasserstein(
         kernel: "iou", "dice", "hausdorff" or "ce" (see :func:`pairwise_cost`).
         rater_mask: (B, R) bool; absent raters are left out.
         eps: probability clamp of the ``"ce"`` kernel.
+        sample_weight: (B, S) weights of the hypotheses (None: uniform).
 
     Returns:
         (B,) mean matched cost.
     """
-    return matched_cost(pairwise_cost(pred, target, kernel, eps=eps), rater_mask)
+    return matched_cost(pairwise_cost(pred, target, kernel, eps=eps), rater_mask, sample_weight)
 
 
 def set_mean(cost: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, self_pairs: bool = True) -> torch.Tensor:
-    """Mean of a (B, N, M) pairwise cost over the pairs kept by 0/1 weights (B, N) and (B, M).
+    """Weighted mean of a (B, N, M) pairwise cost, pair (i, j) weighing weight_a[i] weight_b[j]
+    (0/1 weights keep or drop members; hypothesis weights make it an expectation).
 
     With ``self_pairs=False`` (a set against itself) the diagonal is left out, and a set of one
     member gives 0.
@@ -118,7 +167,8 @@ def set_mean(cost: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
         pair = pair * (1 - torch.eye(cost.shape[1], cost.shape[2], dtype=pair.dtype, device=pair.device))
     total = (cost * pair).sum(dim=(1, 2))
     count = pair.sum(dim=(1, 2))
-    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+    # (a safe denominator where no pair is kept: the weights may be fractions, so no clamp to 1)
+    return torch.where(count > 0, total / torch.where(count > 0, count, torch.ones_like(count)), torch.zeros_like(total))
 
 
 def generalized_energy_distance(
@@ -126,6 +176,7 @@ def generalized_energy_distance(
     target: torch.Tensor,
     rater_mask: torch.Tensor | None = None,
     self_pairs: bool = True,
+    sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squared generalized energy distance with d = 1 - IoU (see the module docstring).
 
@@ -134,6 +185,7 @@ def generalized_energy_distance(
         target: (B, R, H, W) binary rater masks.
         rater_mask: (B, R) bool; absent raters are left out.
         self_pairs: include i = j in the within-set means (the published convention).
+        sample_weight: (B, S) weights of the hypotheses (None: uniform).
 
     Returns:
         (B,) D^2_GED per image.
@@ -141,7 +193,7 @@ def generalized_energy_distance(
     cross = pairwise_cost(pred, target, "iou")
     within_pred = pairwise_cost(pred, pred, "iou")
     within_target = pairwise_cost(target, target, "iou")
-    return energy_distance_from_costs(cross, within_pred, within_target, rater_mask, self_pairs)
+    return energy_distance_from_costs(cross, within_pred, within_target, rater_mask, self_pairs, sample_weight)
 
 
 def energy_distance_from_costs(
@@ -150,11 +202,12 @@ def energy_distance_from_costs(
     within_target: torch.Tensor,
     rater_mask: torch.Tensor | None = None,
     self_pairs: bool = True,
+    sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GED from precomputed distances: cross (B, S, R), within_pred (B, S, S), within_target
     (B, R, R); lets a caller reuse one IoU computation for several metrics."""
     weight_r = check_rater_mask(rater_mask, cross.transpose(1, 2)).to(cross.dtype)
-    weight_s = torch.ones(cross.shape[:2], dtype=cross.dtype, device=cross.device)
+    weight_s = _prediction_weights(sample_weight, cross)
     return (
         2 * set_mean(cross, weight_s, weight_r)
         - set_mean(within_pred, weight_s, weight_s, self_pairs)
@@ -162,16 +215,31 @@ def energy_distance_from_costs(
     )
 
 
-def sample_diversity(pred: torch.Tensor, self_pairs: bool = True) -> torch.Tensor:
+def sample_diversity(pred: torch.Tensor, self_pairs: bool = True,
+                     sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean pairwise 1 - IoU among the S hypotheses of each image (the E[d(S, S')] of GED).
 
     Args:
         pred: (B, S, H, W) binary masks.
         self_pairs: include i = j (distance 0), as in GED's default.
+        sample_weight: (B, S) weights of the hypotheses (None: uniform).
 
     Returns:
         (B,) diversity per image.
     """
-    within = pairwise_cost(pred, pred, "iou")
-    weight = torch.ones(within.shape[:2], dtype=within.dtype, device=within.device)
+    return diversity_from_costs(pairwise_cost(pred, pred, "iou"), self_pairs, sample_weight)
+
+
+def diversity_from_costs(within: torch.Tensor, self_pairs: bool = True,
+                         sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`sample_diversity` from precomputed (B, S, S) distances."""
+    weight = _prediction_weights(sample_weight, within)
     return set_mean(within, weight, weight, self_pairs)
+
+
+def _prediction_weights(sample_weight: torch.Tensor | None, cost: torch.Tensor) -> torch.Tensor:
+    """(B, S) weights of the predictions indexing ``cost``'s second axis: ones when None."""
+    weight = sample_weights(sample_weight, cost.shape[:2])
+    if weight is None:
+        return torch.ones(cost.shape[:2], dtype=cost.dtype, device=cost.device)
+    return weight.to(device=cost.device, dtype=cost.dtype)
