@@ -20,11 +20,14 @@ without replacement with probability proportional to their cross-entropy, via Gu
 gradient flows through the selected pixels' CE only). ``top_k=0`` uses the task's reconstruction
 (``rec_ce`` summed over all pixels, or any ``reconstruction`` mix).
 
-Differences from the paper, stated: the paper optimises the reconstruction under a GECO
-constraint (a Lagrange multiplier on the reconstruction, kappa = 0.05); here the loss is the ELBO
-above with weight ``beta`` (the official code's ``elbo`` option). The zoo's blocks are plain
-conv + ReLU stacks, not the paper's pre-activation residual blocks; upsampling is bilinear, not
-nearest-neighbour.
+As in the paper, the reconstruction is trained under a GECO constraint by default
+(:class:`GECO`: lambda times the top-k CE minus kappa = 0.05 nats per selected pixel, lambda
+adapted every step); ``geco=False`` gives the plain ELBO above (the official code's other
+option), with which the latents collapse on the synthetic data (the top-k sum over 2% of the
+pixels is small next to the KL). The paper's lambda is trained by its optimizer (the sign of
+its gradient flipped); here it follows the multiplicative update of Rezende & Viola, which does
+not depend on the optimizer. The zoo's blocks are plain conv + ReLU stacks, not the paper's
+pre-activation residual blocks; upsampling is bilinear, not nearest-neighbour.
 
 Gini: as for :mod:`probseg.models.phiseg`, per level and for the whole model.
 """
@@ -93,6 +96,57 @@ class TopKCrossEntropy(Objective):
         ce = pixel_cross_entropy(context.outputs["logits"], context.target)
         mask = top_k_mask(ce, self.fraction, context.generator, self.deterministic)
         return LossTerms({"rec_topk": (ce * mask).flatten(1).sum(1).mean()})
+
+
+class GECO(Objective):
+    """The HPU-Net's reconstruction under a GECO constraint (Rezende & Viola 2018, "Taming VAEs";
+    Kohl et al. 2019): term ``rec_topk``, lambda times the constraint
+
+    .. math::
+        C = \\frac{1}{B} \\sum_b \\Big(\\sum_{i \\in \\text{top-}k_b} \\mathrm{CE}_i - \\kappa\\, k_b\\Big),
+
+    whose value in the loss is its moving average (rate 0.99) while its gradient is the current
+    batch's. After every training step lambda is multiplied by exp(rate * C_ma / k), C_ma / k the
+    averaged constraint per selected pixel: it grows while the mean CE of the selected pixels is
+    above kappa and shrinks once below, so the KL cannot trade the reconstruction away (the
+    collapse the plain ELBO with top-k CE shows). Diagnostics: ``geco_lambda`` and
+    ``geco_constraint`` (C_ma per selected pixel).
+
+    Args:
+        fraction, deterministic: as in :class:`TopKCrossEntropy`.
+        kappa: the target mean CE per selected pixel, nats (the paper: 0.05).
+        rate: the step size of log lambda (per nat of constraint per pixel).
+        state: the task's buffers ``(lambda, moving average, started)``, so they are checkpointed.
+    """
+
+    name = "geco"
+
+    def __init__(self, fraction: float, deterministic: bool, kappa: float, rate: float,
+                 state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        if kappa < 0 or rate <= 0:
+            raise ValueError(f"geco_kappa must be non-negative and geco_rate positive, got {kappa} and {rate}")
+        self.top_k = TopKCrossEntropy(fraction, deterministic)
+        self.kappa, self.rate = kappa, rate
+        self.multiplier, self.average, self.started = state
+
+    def __call__(self, context: StepContext) -> LossTerms:
+        ce = pixel_cross_entropy(context.outputs["logits"], context.target)
+        mask = top_k_mask(ce, self.top_k.fraction, context.generator, self.top_k.deterministic)
+        selected = mask.flatten(1).sum(1)
+        constraint = ((ce * mask).flatten(1).sum(1) - self.kappa * selected).mean()
+        if not context.training:  # validation and test: this batch's constraint, nothing updated
+            per_pixel = constraint.detach() / selected.mean()
+            return LossTerms({"rec_topk": self.multiplier.detach() * constraint},
+                             {"geco_lambda": self.multiplier.detach().clone(), "geco_constraint": per_pixel})
+        with torch.no_grad():  # the first step starts the average at its value (no host read)
+            self.average.copy_(torch.where(self.started, 0.99 * self.average + 0.01 * constraint, constraint))
+            self.started.fill_(True)
+        used = self.multiplier.detach().clone()
+        term = used * (constraint + (self.average - constraint).detach())
+        per_pixel = self.average.detach() / selected.mean()
+        with torch.no_grad():
+            self.multiplier.mul_(torch.exp(self.rate * per_pixel)).clamp_(1e-6, 1e6)
+        return LossTerms({"rec_topk": term}, {"geco_lambda": used, "geco_constraint": per_pixel})
 
 
 class HPUNetNetwork(Network):
@@ -165,14 +219,18 @@ class HierarchicalProbUNet(ProbSegModel):
         latent_dim: channels of each latent map (the paper: 1).
         beta: weight of the KL sum.
         top_k: fraction of the batch's pixels in the stochastic top-k cross-entropy (the paper:
-            0.02); 0 uses the task's reconstruction over every pixel.
+            0.02); 0 uses every pixel (the task's reconstruction, without GECO).
         deterministic_top_k: keep the pixels of largest CE instead of drawing them.
+        geco: train under the GECO constraint (the paper, :class:`GECO`); False: the ELBO
+            ``rec_topk + beta * KL`` (the official code's other option).
+        geco_kappa: the constraint's target mean CE per selected pixel (the paper: 0.05).
+        geco_rate: the step size of log lambda per nat of constraint.
         kl_warmup_steps, free_bits: as for :class:`~probseg.models.punet.ProbUNet`.
         **kwargs: the shared options of :class:`~probseg.models.base.ProbSegModel`
             (``reconstruction`` only with ``top_k=0``).
 
     Loss terms: ``rec_topk`` (or ``rec_<component>`` with ``top_k=0``) and ``kl``; diagnostics
-    ``kl_level<l>``.
+    ``kl_level<l>`` and, with GECO, ``geco_lambda`` and ``geco_constraint``.
     """
 
     def __init__(
@@ -185,6 +243,9 @@ class HierarchicalProbUNet(ProbSegModel):
         beta: float = 1.0,
         top_k: float = 0.02,
         deterministic_top_k: bool = False,
+        geco: bool = True,
+        geco_kappa: float = 0.05,
+        geco_rate: float = 0.01,
         kl_warmup_steps: int = 0,
         free_bits: float = 0.0,
         **kwargs: Any,
@@ -192,8 +253,22 @@ class HierarchicalProbUNet(ProbSegModel):
         if top_k and (kwargs.get("reconstruction") or kwargs.get("loss_options")):
             raise ValueError("top_k replaces the reconstruction loss: set top_k: 0 to train with reconstruction "
                              "or loss_options")
-        objectives: list[Objective] = [TopKCrossEntropy(top_k, deterministic_top_k)] if top_k else []
+        if not top_k and geco:
+            raise ValueError("geco constrains the top-k cross-entropy: set geco: false with top_k: 0")
+        if top_k:
+            TopKCrossEntropy(top_k, deterministic_top_k)  # checks the fraction before anything is built
         super().__init__(**kwargs)
+        objectives: list[Objective] = []
+        if geco:
+            # lambda, the constraint's moving average and whether it started: buffers, so they are
+            # checkpointed and a resumed run continues the same schedule
+            self.register_buffer("geco_multiplier", torch.ones(()))
+            self.register_buffer("geco_average", torch.zeros(()))
+            self.register_buffer("geco_started", torch.zeros((), dtype=torch.bool))
+            objectives.append(GECO(top_k, deterministic_top_k, geco_kappa, geco_rate,
+                                   (self.geco_multiplier, self.geco_average, self.geco_started)))
+        elif top_k:
+            objectives.append(TopKCrossEntropy(top_k, deterministic_top_k))
         self.reconstructs = not top_k
         self.network = HPUNetNetwork(self.in_channels, self.num_classes, num_filters, convs_per_block, latent_levels,
                                      latent_dim)

@@ -234,3 +234,30 @@ def test_no_oracle_for_loaders_that_are_not_the_datamodule_split(tmp_path: Path)
     trainer.test(model, datamodule=dm)
     assert [r["source"] for r in callback.last_results] == ["model", "oracle"]
     assert callback.last_results[0]["dataset"] == "synthetic"
+
+
+def test_a_mixtures_hypotheses_are_evaluated_with_their_weights() -> None:
+    """MoSE: the callback's values equal HypothesisMetrics fed sample_weighted's hypotheses and
+    weights (the same per-image generators), and differ from the unweighted evaluation."""
+    from probseg.metrics import HypothesisMetrics
+    from probseg.models import MODELS
+    from tests.models.test_zoo import TINY_ARGS
+
+    torch.manual_seed(0)
+    model = MODELS["mose"](**TINY_ARGS["mose"]).eval()
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(3, 1, 32, 32, generator=g), "masks": torch.randint(0, 2, (3, 4, 32, 32), generator=g),
+             "index": torch.tensor([4, 0, 9])}
+    callback = EvaluationCallback(num_samples=6, seed=3)
+    with torch.no_grad():
+        callback._update_hypotheses("test/model", model, model, batch, 0)
+        got, _ = callback._metrics["test/model"].per_image()
+        logits, weights = model.sample_weighted(batch["image"], 6, per_image_generators(batch["index"], 3, "cpu"))
+    expect = HypothesisMetrics(num_classes=2)
+    expect.update(logits.softmax(2), batch["masks"], index=batch["index"], sigma=model.prior_sigmas(batch["image"]),
+                  sample_weight=weights)
+    plain = HypothesisMetrics(num_classes=2)
+    plain.update(logits.softmax(2), batch["masks"], index=batch["index"], sigma=model.prior_sigmas(batch["image"]))
+    for name, value in expect.per_image()[0].items():
+        torch.testing.assert_close(got[name], value, msg=name)
+    assert not torch.allclose(got["ged"], plain.per_image()[0]["ged"])

@@ -147,9 +147,9 @@ def test_hpunet_top_k_term_is_the_selected_pixels_cross_entropy() -> None:
     """With top_k = 1 every pixel is kept: rec_topk equals the pixel-summed CE of the task."""
     torch.manual_seed(0)
     batch = _batch()
-    full = MODELS["hpunet"](**HPUNET, top_k=1.0).loss_terms(batch, torch.Generator().manual_seed(3))
+    full = MODELS["hpunet"](**HPUNET, top_k=1.0, geco=False).loss_terms(batch, torch.Generator().manual_seed(3))
     torch.manual_seed(0)
-    plain = MODELS["hpunet"](**HPUNET, top_k=0).loss_terms(batch, torch.Generator().manual_seed(3))
+    plain = MODELS["hpunet"](**HPUNET, top_k=0, geco=False).loss_terms(batch, torch.Generator().manual_seed(3))
     torch.testing.assert_close(full["rec_topk"], plain["rec_ce"], rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(full["kl"], plain["kl"])
     logits = torch.randn(1, 2, 2, 2)
@@ -167,9 +167,59 @@ def test_hpunet_top_k_term_is_the_selected_pixels_cross_entropy() -> None:
         ("phiseg", {"latent_levels": 4}, "latent_levels"),
         ("hpunet", {"top_k": 1.5}, "top_k"),
         ("hpunet", {"reconstruction": {"ce": 1.0, "dml1": 1.0}}, "top_k replaces"),
+        ("hpunet", {"top_k": 0}, "geco constrains"),
+        ("hpunet", {"geco_rate": 0.0}, "geco_rate"),
     ],
 )
 def test_bad_hierarchical_configuration(name: str, kwargs: dict, match: str) -> None:
     base = PHISEG if name == "phiseg" else HPUNET
     with pytest.raises(ValueError, match=match):
         MODELS[name](**{**base, **kwargs})
+
+
+def test_geco_value_is_lambda_times_the_averaged_constraint_and_its_gradient_the_current_one() -> None:
+    """Deterministic top-k: step 1 equals the plain top-k sum minus kappa k (lambda 1, the average
+    starts at the value, same gradients); at step 2 the value is lambda_2 (0.99 C_1 + 0.01 C_2)
+    with lambda_2 = exp(rate C_1 / k), and the gradient is lambda_2 times the plain one's."""
+    torch.manual_seed(0)
+    kw = {**HPUNET, "deterministic_top_k": True, "geco_kappa": 0.1, "geco_rate": 0.5}
+    geco = MODELS["hpunet"](**kw).train()
+    torch.manual_seed(0)
+    plain = MODELS["hpunet"](**{**kw, "geco": False}).train()
+    batch = _batch()
+    k = 2 * 16 * 16 // 50  # floor(0.02 B H W) pixels over the batch of 2: 10, 5 per image on average
+    values = []
+    for step in range(2):
+        g_terms = geco.loss_terms(batch, torch.Generator().manual_seed(step))
+        p_terms = plain.loss_terms(batch, torch.Generator().manual_seed(step))
+        constraint = p_terms["rec_topk"].detach() - 0.1 * k / 2
+        values.append(constraint)
+        if step == 0:
+            expect, multiplier = constraint, 1.0
+        else:
+            multiplier = math.exp(0.5 * values[0].item() / (k / 2))
+            expect = multiplier * (0.99 * values[0] + 0.01 * constraint)
+        assert g_terms.diagnostics["geco_lambda"].item() == pytest.approx(multiplier, rel=1e-5)
+        assert g_terms["rec_topk"].item() == pytest.approx(expect.item(), rel=1e-4)
+        geco.zero_grad(), plain.zero_grad()
+        g_terms["rec_topk"].backward()
+        p_terms["rec_topk"].backward()
+        for a, b in zip(geco.network.parameters(), plain.network.parameters()):
+            if b.grad is not None:
+                torch.testing.assert_close(a.grad, multiplier * b.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_geco_lambda_falls_once_the_constraint_is_met_and_is_checkpointed() -> None:
+    torch.manual_seed(0)
+    model = MODELS["hpunet"](**HPUNET, geco_kappa=100.0).train()  # every CE is below 100 nats
+    for step in range(3):
+        model.loss_terms(_batch(), torch.Generator().manual_seed(step))
+    assert model.geco_multiplier.item() < 1 and bool(model.geco_started)
+    state = model.state_dict()
+    fresh = MODELS["hpunet"](**HPUNET, geco_kappa=100.0)
+    fresh.load_state_dict(state)
+    assert fresh.geco_multiplier.item() == model.geco_multiplier.item()
+    assert fresh.objectives[0].multiplier is fresh.geco_multiplier  # the objective reads the loaded buffer
+    evaluation = model.eval().loss_terms(_batch(), torch.Generator().manual_seed(0))
+    assert model.geco_multiplier.item() == fresh.geco_multiplier.item(), "validation must not update lambda"
+    assert "rec_topk" in evaluation

@@ -93,7 +93,7 @@ SOFT = {"fusion": "weighted_mean", "reconstruction": {"ce": 0.25, "dml1": 0.75},
 
 RECONSTRUCTING = sorted(name for name, cls in MODELS.items() if cls.reconstructs)
 """Models trained with the task's reconstruction loss (the SSN's own likelihood replaces it)."""
-MIX_ARGS = {"hpunet": {"top_k": 0}}
+MIX_ARGS = {"hpunet": {"top_k": 0, "geco": False}}
 """What a model needs to train on the task's reconstruction (the HPU-Net's top-k CE replaces it)."""
 
 
