@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 
 from probseg.metrics import HypothesisMetrics, MeanPredictionMetrics
 from probseg.metrics.base import NO_INDEX
-from probseg.metrics.functional import KERNELS, check_kernels
+from probseg.metrics.functional import GINI_OF, KERNELS, MATCHINGS, check_kernels
 from probseg.results import summarize, write_results
 
 
@@ -97,6 +97,10 @@ class EvaluationCallback(Callback):
         seed: seed of the hypotheses.
         num_bins: ECE bins.
         self_pairs: GED and diversity include i = j pairs (published convention).
+        matching: how hypotheses meet raters when R does not divide S, one of
+            :data:`probseg.metrics.functional.MATCHINGS` ("lcm": exact optimal transport;
+            "tile": the cSAE paper's; "rectangular": optimistic).
+        gini_of: the Gini index of the prior's "sigma" (default) or "variance".
         results_dir: folder of the test results (default ``{default_root_dir}/results``).
         teacher: evaluate a distillation student's teacher at test (when its checkpoint is
             found; a missing one is reported with a warning and its rows are left out).
@@ -116,12 +120,19 @@ class EvaluationCallback(Callback):
         self_pairs: bool = True,
         results_dir: str | None = None,
         teacher: bool = True,
+        matching: str = "lcm",
+        gini_of: str = "sigma",
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be positive, got {every_n_epochs}")
         check_kernels(kernels)
+        if matching not in MATCHINGS:
+            raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
+        if gini_of not in GINI_OF:
+            raise ValueError(f"gini_of must be one of {GINI_OF}, got {gini_of!r}")
+        self.matching, self.gini_of = matching, gini_of
         self.num_samples = num_samples
         self.kernels = tuple(kernels)
         self.oracle = oracle
@@ -198,7 +209,8 @@ class EvaluationCallback(Callback):
         if key not in self._metrics:
             self._metrics[key] = HypothesisMetrics(
                 num_classes=pl_module.num_classes, kernels=self.kernels, gini=gini,
-                num_bins=self.num_bins, self_pairs=self.self_pairs,
+                num_bins=self.num_bins, self_pairs=self.self_pairs, matching=self.matching,
+                gini_of=self.gini_of,
             ).to(pl_module.device)
         return self._metrics[key]
 

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
-from probseg.metrics.functional import gini_index
+from probseg.metrics.functional import gini_index, singular_values
 
 
 class GiniCallback(Callback):
@@ -21,12 +21,16 @@ class GiniCallback(Callback):
 
     Args:
         every_n_steps: logging interval in optimizer steps.
+        of: the Gini index of the prior's "sigma" (default) or "variance" (see
+            :mod:`probseg.metrics.functional.gini`).
     """
 
-    def __init__(self, every_n_steps: int = 25) -> None:
+    def __init__(self, every_n_steps: int = 25, of: str = "sigma") -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
+        singular_values(torch.ones(1, 1), of)  # checks the name
         self.every_n_steps = every_n_steps
+        self.of = of
         self.history: list[tuple[int, float]] = []
 
     @rank_zero_only
@@ -41,12 +45,12 @@ class GiniCallback(Callback):
         sigma = pl_module.prior_sigmas(batch["image"])
         if sigma is None:
             return
-        value = float(gini_index(sigma.float()).mean())
+        value = float(gini_index(singular_values(sigma.float(), self.of)).mean())
         self.history.append((step, value))
         values = {"train/gini": value}
         network = getattr(pl_module, "network", None)
         per_level = network.prior_sigmas_per_level(batch["image"]) if network is not None else None
         for level, level_sigma in (per_level or {}).items():  # hierarchical models: one curve per level
-            values[f"train/gini_{level}"] = float(gini_index(level_sigma.float()).mean())
+            values[f"train/gini_{level}"] = float(gini_index(singular_values(level_sigma.float(), self.of)).mean())
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)

@@ -77,6 +77,10 @@ class HypothesisMetrics(PerImageMetric):
         num_bins: ECE bins.
         self_pairs: GED and diversity include i = j pairs (the published convention).
         eps: probability clamp of the "ce" kernel.
+        matching: how hypotheses meet raters when R does not divide S, one of
+            :data:`probseg.metrics.functional.MATCHINGS` (default "lcm": exact optimal transport).
+        gini_of: the Gini index of the prior's "sigma" (default) or "variance" (see
+            :mod:`probseg.metrics.functional.gini`).
         **kwargs: torchmetrics ``Metric`` options.
     """
 
@@ -90,16 +94,22 @@ class HypothesisMetrics(PerImageMetric):
         num_bins: int = 15,
         self_pairs: bool = True,
         eps: float = F.CE_EPS,
+        matching: str = "lcm",
+        gini_of: str = "sigma",
         **kwargs: Any,
     ) -> None:
         F.check_kernels(kernels)
+        F.singular_values(torch.ones(1, 1), gini_of)  # checks the name
+        if matching not in F.MATCHINGS:
+            raise ValueError(f"matching must be one of {F.MATCHINGS}, got {matching!r}")
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         names = [f"hm_{k}" for k in F.KERNELS if k in kernels] + ["ged", "diversity", "ece", "dice", "bdice"]
         super().__init__(tuple(names + (["gini"] if gini else [])), **kwargs)
         self.num_classes = num_classes
         self.kernels = tuple(k for k in F.KERNELS if k in kernels)
-        self.num_bins, self.self_pairs, self.eps = num_bins, self_pairs, eps
+        self.num_bins, self.self_pairs, self.eps, self.matching = num_bins, self_pairs, eps, matching
+        self.gini_of = gini_of
 
     def _costs(self, probs: torch.Tensor, labels: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """{kernel: (B, S, R)} for the kernels stored plus "iou" (GED needs it)."""
@@ -150,7 +160,10 @@ class HypothesisMetrics(PerImageMetric):
             labels = probs.movedim(2, -1).contiguous().argmax(dim=-1)
         weight = F.sample_weights(sample_weight, probs.shape[:2])
         costs = self._costs(probs, labels, target)
-        values = {f"hm_{k}": F.matched_cost(costs[k], rater_mask, weight) for k in self.kernels}
+        if weight is not None and self.matching != "lcm":
+            raise ValueError(f"weighted hypotheses are matched by optimal transport only: matching='lcm', got "
+                             f"{self.matching!r}")
+        values = {f"hm_{k}": F.matched_cost(costs[k], rater_mask, weight, self.matching) for k in self.kernels}
         iou = costs["iou"]
         within_pred = self._within(labels)
         within_target = self._within(target)
@@ -161,7 +174,7 @@ class HypothesisMetrics(PerImageMetric):
             probs = (probs * weight.to(probs.dtype)[:, :, None, None, None]).sum(dim=1, keepdim=True)
         values.update(mean_prediction_values(probs, target, rater_mask, self.num_bins))
         if "gini" in self.value_names:
-            values["gini"] = F.gini_index(sigma)
+            values["gini"] = F.gini_index(F.singular_values(sigma, self.gini_of))
         self._store(values, index)
 
     def _within(self, labels: torch.Tensor) -> torch.Tensor:

@@ -350,3 +350,23 @@ def test_hypothesis_metrics_with_integer_weights_equal_the_repeated_set(k: int) 
     plain.update(torch.as_tensor(probs), torch.as_tensor(target), torch.as_tensor(present))
     for name, value in plain.per_image()[0].items():
         torch.testing.assert_close(uniform.per_image()[0][name], value, atol=TOL, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("matching", ["tile", "rectangular"])
+def test_hypothesis_metrics_matching_convention(matching: str) -> None:
+    """The class's hm values use its matching convention (here against the functional path on the
+    same binarised hypotheses); GED does not depend on it."""
+    from probseg.metrics.functional import matched_cost, pairwise_cost
+
+    probs, target = _hypotheses(2, seed=31)
+    probs, target = probs[:, :5], target[:, :3]  # R = 3 does not divide S = 5
+    metric = HypothesisMetrics(num_classes=2, kernels=("iou",), gini=False, matching=matching)
+    metric.update(torch.as_tensor(probs), torch.as_tensor(target))
+    default = HypothesisMetrics(num_classes=2, kernels=("iou",), gini=False)
+    default.update(torch.as_tensor(probs), torch.as_tensor(target))
+    cost = pairwise_cost(torch.as_tensor(probs[:, :, 1] > probs[:, :, 0]), torch.as_tensor(target == 1), "iou")
+    values = metric.per_image()[0]
+    torch.testing.assert_close(values["hm_iou"], matched_cost(cost, matching=matching).to(values["hm_iou"].dtype))
+    torch.testing.assert_close(values["ged"], default.per_image()[0]["ged"])
+    with pytest.raises(ValueError, match="matching must be one of"):
+        HypothesisMetrics(matching="hungarian")

@@ -94,3 +94,18 @@ def test_gini_float32() -> None:
 def test_gini_errors(sigma, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         gini_index(sigma)
+
+
+def test_the_variance_reading_is_the_gini_of_the_squared_sigmas_and_never_smaller() -> None:
+    """gini_of="variance" takes the covariance's singular values sigma^2: against the mean
+    absolute difference form on the squares; squaring spreads positive values, so its Gini is at
+    least the sigma reading's."""
+    from probseg.metrics.functional import singular_values
+
+    sigma = torch.rand(50, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.01
+    var = singular_values(sigma, "variance")
+    ref = (var[:, :, None] - var[:, None, :]).abs().sum((1, 2)) / (2 * 6**2 * var.mean(1))
+    torch.testing.assert_close(gini_index(var), ref)
+    assert bool((gini_index(var) >= gini_index(singular_values(sigma, "sigma")) - 1e-12).all())
+    with pytest.raises(ValueError, match="gini_of must be one of"):
+        singular_values(sigma, "std")

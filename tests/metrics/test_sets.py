@@ -366,3 +366,53 @@ def test_weighted_ged_with_uniform_weights_equals_unweighted() -> None:
 def test_sample_weight_errors(weight, match) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
         matched_cost(torch.rand(1, 4, 2), sample_weight=weight)
+
+
+# ----------------------------------------------------------------------------- matching conventions
+
+
+def brute_force_tiled(cost: np.ndarray) -> float:
+    """The raters repeated in order and cut at S (or the hypotheses at R), every permutation."""
+    s, r = cost.shape
+    n = max(s, r)
+    rows = [i % s for i in range(n)]
+    cols = [j % r for j in range(n)]
+    full = cost[np.ix_(rows, cols)]
+    return min(full[list(p), np.arange(n)].mean() for p in itertools.permutations(range(n)))
+
+
+def brute_force_rectangular(cost: np.ndarray) -> float:
+    """Every injective map from the smaller set into the larger one."""
+    s, r = cost.shape
+    if s >= r:
+        return min(np.mean([cost[p[j], j] for j in range(r)]) for p in itertools.permutations(range(s), r))
+    return min(np.mean([cost[i, p[i]] for i in range(s)]) for p in itertools.permutations(range(r), s))
+
+
+@pytest.mark.parametrize("s,r", [(4, 2), (5, 3), (6, 4), (3, 3), (2, 3), (7, 4)])
+def test_matching_conventions_equal_brute_force(s: int, r: int) -> None:
+    cost = _costs(s * 13 + r, 3, s, r)
+    t = torch.as_tensor(cost)
+    np.testing.assert_allclose(matched_cost(t, matching="tile").numpy(), [brute_force_tiled(c) for c in cost], atol=1e-12)
+    rect = matched_cost(t, matching="rectangular").numpy()
+    np.testing.assert_allclose(rect, [brute_force_rectangular(c) for c in cost], atol=1e-12)
+    exact = matched_cost(t).numpy()
+    assert (rect <= exact + 1e-12).all(), "the rectangular matching picks the best raters' partners: optimistic"
+    if s % r == 0:  # the raters tile exactly: the cSAE paper's convention is the optimal transport
+        np.testing.assert_allclose(matched_cost(t, matching="tile").numpy(), exact, atol=1e-12)
+
+
+def test_tiling_weighs_the_first_raters_more_when_r_does_not_divide_s() -> None:
+    """S = 4, R = 3: raters 1, 2, 3, 1, so rater 1 counts twice; a hypothesis set that fits
+    rater 1 only scores better under "tile" than under the exact optimal transport."""
+    cost = torch.tensor([[[0.0, 1.0, 1.0]] * 4], dtype=torch.float64)
+    assert matched_cost(cost, matching="tile").item() == pytest.approx(0.5)
+    assert matched_cost(cost).item() == pytest.approx(2 / 3)
+    assert matched_cost(cost, matching="rectangular").item() == pytest.approx(2 / 3)
+
+
+def test_matching_option_errors() -> None:
+    with pytest.raises(ValueError, match="matching must be one of"):
+        matched_cost(torch.rand(1, 4, 2), matching="greedy")
+    with pytest.raises(ValueError, match="optimal transport only"):
+        matched_cost(torch.rand(1, 4, 2), sample_weight=torch.ones(1, 4), matching="tile")

@@ -13,7 +13,7 @@ from probseg.metrics.functional.calibration import (
     dice_score,
     expected_calibration_error,
 )
-from probseg.metrics.functional.gini import gini_index
+from probseg.metrics.functional.gini import GINI_OF, gini_index, singular_values
 from probseg.metrics.functional.kernels import (
     CE_EPS,
     KERNELS,
@@ -25,6 +25,7 @@ from probseg.metrics.functional.kernels import (
     squared_distance_transform,
 )
 from probseg.metrics.functional.sets import (
+    MATCHINGS,
     diversity_from_costs,
     empirical_wasserstein,
     energy_distance_from_costs,
@@ -38,7 +39,9 @@ from probseg.metrics.functional.sets import (
 __all__ = [
     "BDICE_THRESHOLDS",
     "CE_EPS",
+    "GINI_OF",
     "KERNELS",
+    "MATCHINGS",
     "binarized_dice",
     "calibration_bins",
     "check_kernels",
@@ -58,5 +61,6 @@ __all__ = [
     "sample_diversity",
     "sample_weights",
     "set_mean",
+    "singular_values",
     "squared_distance_transform",
 ]

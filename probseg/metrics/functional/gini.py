@@ -6,11 +6,29 @@ sigmas sorted ascending (sigma_1 <= ... <= sigma_L):
 .. math:: G(\\sigma) = 1 - 2 \\sum_{k=1}^{L} \\frac{\\sigma_k}{\\|\\sigma\\|_1} \\, \\frac{L - k + 1/2}{L}
 
 Equal sigmas give 0; a single non-zero sigma gives 1 - 1/L. Lower means less collapse.
+
+Which singular values (``of``, :data:`GINI_OF`): the cSAE paper takes "the singular values of the
+prior Normal densities ... from the trace of the covariance matrix". The covariance
+diag(sigma^2)'s singular values are the variances sigma^2; the scale matrix diag(sigma)'s (the
+Normal's square-root covariance, whose columns span the latent directions) are the sigmas. The
+default is ``"sigma"``: it is what probseg has always reported, and the sigmas are the
+latent's scales in its own units. The Gini of the variances, ``"variance"``, is never smaller
+(squaring spreads positive values apart: x^2 / x grows with x), so numbers under the two readings
+are not comparable across papers.
 """
 
 from __future__ import annotations
 
 import torch
+
+GINI_OF = ("sigma", "variance")
+
+
+def singular_values(sigma: torch.Tensor, of: str = "sigma") -> torch.Tensor:
+    """The (B, L) values whose Gini index is reported: ``sigma`` itself or its square."""
+    if of not in GINI_OF:
+        raise ValueError(f"gini_of must be one of {GINI_OF}, got {of!r}")
+    return sigma if of == "sigma" else sigma.square()
 
 
 def gini_index(sigma: torch.Tensor) -> torch.Tensor:

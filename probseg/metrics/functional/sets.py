@@ -45,6 +45,19 @@ from probseg._ops import check_rater_mask
 from probseg.metrics.functional.kernels import CE_EPS, pairwise_cost
 
 
+MATCHINGS = ("lcm", "tile", "rectangular")
+"""How the Hungarian-matched metrics match S hypotheses with R raters when R does not divide S
+(they agree when it does, except ``"rectangular"``):
+
+* ``"lcm"`` (default): the exact optimal transport between the uniform measures (both sets
+  replicated to lcm(S, R) members, or the transport LP);
+* ``"tile"``: the cSAE paper's "duplicate the ground truth to the sample count": the raters
+  repeated in order r_1 ... r_R r_1 ... and cut at S (some raters then count once more than
+  others), matched one-to-one with the S hypotheses (when S < R, the hypotheses are tiled to R);
+* ``"rectangular"``: the S x R cost matched as it is, min(S, R) pairs (each rater with a
+  different hypothesis, the other hypotheses left out): it picks the best R of S hypotheses, so
+  it is optimistic (lower than the other two), as in some peers' evaluations."""
+
 LP_ABOVE = 1024
 """Replicated sets larger than this (coprime S and R, e.g. 100 and 97) are solved as the
 S x R transport linear program instead of an lcm(S, R)-sized assignment: the same exact value
@@ -90,8 +103,22 @@ def sample_weights(sample_weight: torch.Tensor | None, shape: tuple[int, int] | 
     return weight / total
 
 
+def _tiled_matching(c: np.ndarray) -> float:
+    """Mean one-to-one matched cost after tiling the smaller set to the larger one's size."""
+    s, r = c.shape
+    full = c[:, [j % r for j in range(s)]] if s >= r else c[[i % s for i in range(r)]]
+    rows, cols = linear_sum_assignment(full)
+    return float(full[rows, cols].mean())
+
+
+def _rectangular_matching(c: np.ndarray) -> float:
+    """Mean cost of the min(S, R) pairs of the rectangular assignment."""
+    rows, cols = linear_sum_assignment(c)
+    return float(c[rows, cols].mean())
+
+
 def matched_cost(cost: torch.Tensor, rater_mask: torch.Tensor | None = None,
-                 sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+                 sample_weight: torch.Tensor | None = None, matching: str = "lcm") -> torch.Tensor:
     """Exact optimal transport cost between the predictions' and the raters' measures, from a
     pairwise cost.
 
@@ -99,11 +126,16 @@ def matched_cost(cost: torch.Tensor, rater_mask: torch.Tensor | None = None,
         cost: (B, S, R) cost of every (prediction, rater) pair.
         rater_mask: (B, R) bool, True where the rater annotated the image (None: all did).
         sample_weight: (B, S) non-negative weights of the predictions (None: uniform); see the
-            module docstring.
+            module docstring. Only with ``matching="lcm"``.
+        matching: one of :data:`MATCHINGS` (the convention when R does not divide S).
 
     Returns:
         (B,) mean matched cost, on ``cost``'s device and dtype.
     """
+    if matching not in MATCHINGS:
+        raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
+    if sample_weight is not None and matching != "lcm":
+        raise ValueError(f"weighted hypotheses are matched by optimal transport only (matching='lcm'), got {matching!r}")
     if cost.ndim != 3:
         raise ValueError(f"cost must have shape (B, S, R), got {tuple(cost.shape)}")
     if not bool(torch.isfinite(cost).all()):
@@ -117,6 +149,9 @@ def matched_cost(cost: torch.Tensor, rater_mask: torch.Tensor | None = None,
     for b, (c, keep) in enumerate(zip(costs, present)):
         c = c[:, keep]
         r = c.shape[1]
+        if matching != "lcm":
+            out[b] = _tiled_matching(c) if matching == "tile" else _rectangular_matching(c)
+            continue
         if weights is not None and not np.all(weights[b] == weights[b, 0]):
             out[b] = _transport_lp(c, weights[b])
             continue
@@ -138,6 +173,7 @@ def empirical_wasserstein(
     *,
     eps: float = CE_EPS,
     sample_weight: torch.Tensor | None = None,
+    matching: str = "lcm",
 ) -> torch.Tensor:
     """Hungarian-matched empirical Wasserstein metric of each image.
 
@@ -148,11 +184,12 @@ def empirical_wasserstein(
         rater_mask: (B, R) bool; absent raters are left out.
         eps: probability clamp of the ``"ce"`` kernel.
         sample_weight: (B, S) weights of the hypotheses (None: uniform).
+        matching: one of :data:`MATCHINGS`.
 
     Returns:
         (B,) mean matched cost.
     """
-    return matched_cost(pairwise_cost(pred, target, kernel, eps=eps), rater_mask, sample_weight)
+    return matched_cost(pairwise_cost(pred, target, kernel, eps=eps), rater_mask, sample_weight, matching)
 
 
 def set_mean(cost: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, self_pairs: bool = True) -> torch.Tensor:
