@@ -139,11 +139,13 @@ def results_main(argv: list[str]) -> int:
     parser.add_argument("--all-metrics", action="store_true",
                         help="every metric (default: the paper's Table 1: 1-IoU, 1-Dice, Hausdorff, CE, Gini)")
     parser.add_argument("--out", help="also write the table to this Markdown file")
+    parser.add_argument("--subset", default="all", choices=("all", "any_rater", "all_raters"),
+                        help="the images: all (default), those where some rater / every rater marks a structure")
     args = parser.parse_args(argv)
     from probseg.results import gather
 
     try:
-        table = gather(args.paths, table1=not args.all_metrics)
+        table = gather(args.paths, table1=not args.all_metrics, subset=args.subset)
     except (FileNotFoundError, ValueError) as err:
         print(f"probseg results: {err}", file=sys.stderr)
         return 1

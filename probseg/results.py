@@ -24,6 +24,38 @@ TABLE1_COLUMNS = {"hm_iou": "1 - IoU", "hm_dice": "1 - Dice", "hm_hausdorff": "H
 
 RESULTS_FILE = "test_results.csv"
 
+SUBSETS = {"all": "all images", "any_rater": "some rater marks a structure",
+           "all_raters": "every rater marks a structure"}
+"""The image subsets of a results table (HPU-Net's "subset B" is ``all_raters``). Images where
+every rater's mask is empty score perfectly (GED 0, matched cost 0) and pull the means of "all"
+down; the "all" rows report their share as ``all_empty_fraction``."""
+
+
+def subset_mask(raters_marking: torch.Tensor, subset: str) -> torch.Tensor:
+    """(N,) bool: the images of ``subset`` from each image's fraction of raters that mark a
+    structure (:class:`probseg.metrics.hypotheses.RaterCoverage`)."""
+    if subset not in SUBSETS:
+        raise ValueError(f"subset must be one of {tuple(SUBSETS)}, got {subset!r}")
+    if subset == "all":
+        return torch.ones_like(raters_marking, dtype=torch.bool)
+    return raters_marking > 0 if subset == "any_rater" else raters_marking >= 1
+
+
+def subset_rows(common: dict, values: dict[str, torch.Tensor], raters_marking: torch.Tensor) -> list[dict]:
+    """One results row per subset of :data:`SUBSETS` from per-image values (aligned with
+    ``raters_marking``); a subset without images is left out."""
+    rows = []
+    for subset in SUBSETS:
+        keep = subset_mask(raters_marking, subset)
+        if not bool(keep.any()):
+            continue
+        row = {**common, "subset": subset, "num_images": int(keep.sum()),
+               **summarize({name: v[keep] for name, v in values.items()})}
+        if subset == "all":
+            row["all_empty_fraction"] = float((raters_marking == 0).double().mean())
+        rows.append(row)
+    return rows
+
 
 def summarize(values: dict[str, torch.Tensor]) -> dict[str, float]:
     """Per-image values -> ``{name}_mean`` and ``{name}_std`` (sample std; NaN for one image)."""
@@ -55,11 +87,12 @@ SOURCE_LABELS = {"oracle": "oracle", "teacher": "{model}: teacher", "teacher_kde
 
 
 def row_label(row: dict) -> str:
-    """The first cell of a results row: the model, "oracle", or the teacher of a distilled model."""
+    """The first cell of a results row: the model, "oracle", or the teacher of a distilled model,
+    with the subset of images when it is not all of them."""
     source = row.get("source", "model") or "model"
-    if source == "model":
-        return str(row["model"])
-    return SOURCE_LABELS.get(source, source).format(model=row["model"])
+    label = str(row["model"]) if source == "model" else SOURCE_LABELS.get(source, source).format(model=row["model"])
+    subset = row.get("subset") or "all"
+    return label if subset == "all" else f"{label} ({SUBSETS.get(subset, subset)})"
 
 
 def markdown_table(rows: Sequence[dict], metrics: Sequence[str] | None = None, headers: dict[str, str] | None = None) -> str:
@@ -80,7 +113,7 @@ def write_results(directory: str | os.PathLike, rows: Sequence[dict], per_image:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     metrics = _metric_names(rows)
-    fields = ["model", "dataset", "source", "num_images", "num_samples"]
+    fields = ["model", "dataset", "source", "subset", "num_images", "num_samples", "all_empty_fraction"]
     fields += [f"{m}_{stat}" for m in metrics for stat in ("mean", "std")]
     csv_path = directory / RESULTS_FILE
     with csv_path.open("w", newline="") as fh:
@@ -111,10 +144,11 @@ def read_results(path: str | os.PathLike) -> list[dict]:
         raise ValueError(f"{path} is not a probseg results file (no 'model' column)")
     for row in rows:
         for key, value in row.items():
-            if key.endswith(("_mean", "_std")) or key in ("num_images", "num_samples"):
+            if key.endswith(("_mean", "_std")) or key in ("num_images", "num_samples", "all_empty_fraction"):
                 row[key] = float(value) if value not in ("", None) else math.nan
                 if key in ("num_images", "num_samples") and not math.isnan(row[key]):
                     row[key] = int(row[key])
+        row["subset"] = row.get("subset") or "all"  # files written before subsets existed
     return rows
 
 
@@ -134,18 +168,23 @@ def find_results(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def gather(paths: Iterable[str | os.PathLike], table1: bool = True) -> str:
+def gather(paths: Iterable[str | os.PathLike], table1: bool = True, subset: str = "all") -> str:
     """One Markdown table from several runs: every model row, and one oracle row per dataset.
 
     Args:
         paths: results files or folders holding them.
         table1: the paper's Table 1 columns (1 - IoU, 1 - Dice, Hausdorff, CE, Gini); False
             keeps every metric.
+        subset: the images of the table, one of :data:`SUBSETS`.
     """
+    if subset not in SUBSETS:
+        raise ValueError(f"subset must be one of {tuple(SUBSETS)}, got {subset!r}")
     rows: list[dict] = []
     oracles: dict[str, dict] = {}
     for path in find_results(paths):
         for row in read_results(path):
+            if row["subset"] != subset:
+                continue
             if row.get("source") == "oracle":
                 oracles.setdefault(row.get("dataset", ""), row)
             else:

@@ -215,7 +215,7 @@ def test_teacher_stays_out_of_the_student(teacher_ckpt: Path, tmp_path: Path) ->
         tester = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                             default_root_dir=tmp_path, callbacks=[EvaluationCallback(num_samples=2)])
         tester.test(loaded, datamodule=_datamodule())
-    rows = read_results(tmp_path / "results" / "test_results.csv")
+    rows = [r for r in read_results(tmp_path / "results" / "test_results.csv") if r["subset"] == "all"]
     assert [r["source"] for r in rows] == ["model", "oracle"]
 
 
@@ -266,7 +266,7 @@ def test_teacher_then_student_through_the_cli(tmp_path: Path) -> None:
     assert main(["fit", "--config", str(config), "--wandb", "disabled"]) == 0
     last = tmp_path / "student" / "run" / "checkpoints" / "last.ckpt"
     assert main(["test", "--config", str(config), "--wandb", "disabled", "--ckpt_path", str(last)]) == 0
-    rows = read_results(tmp_path / "student" / "run" / "results" / "test_results.csv")
+    rows = [r for r in read_results(tmp_path / "student" / "run" / "results" / "test_results.csv") if r["subset"] == "all"]
     assert [(r["model"], r["source"]) for r in rows] == [
         ("punet+kd", "model"), ("punet+kd", "oracle"), ("punet+kd", "teacher"), ("punet+kd", "teacher_kde")]
     kde = rows[3]

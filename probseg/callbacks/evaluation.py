@@ -15,10 +15,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from probseg.metrics import HypothesisMetrics, MeanPredictionMetrics
+from probseg.metrics import HypothesisMetrics, MeanPredictionMetrics, RaterCoverage
 from probseg.metrics.base import NO_INDEX
 from probseg.metrics.functional import GINI_OF, KERNELS, MATCHINGS, check_kernels
-from probseg.results import summarize, write_results
+from probseg.results import SUBSETS, subset_rows, summarize, write_results
 
 
 def per_image_generators(index: torch.Tensor, seed: int, device: torch.device) -> list[torch.Generator]:
@@ -144,6 +144,7 @@ class EvaluationCallback(Callback):
         self.teacher = teacher
         self._teacher_stage: dict[str, Any] = {}
         self._metrics: dict[str, HypothesisMetrics] = {}
+        self._coverage: dict[str, RaterCoverage] = {}  # per stage: which raters mark a structure
         self._oracle_split: dict[str, Any] = {}
         self.last_results: list[dict] = []  # rows of the last test's results table
 
@@ -171,9 +172,11 @@ class EvaluationCallback(Callback):
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         per_image = {source: self._metrics[f"test/{source}"].per_image()
                      for source in self.SOURCES if f"test/{source}" in self._metrics}
+        coverage = self._coverage.pop("test", None)
+        coverage = coverage.per_image() if coverage is not None else None
         self._log(pl_module, "test")
         if per_image and trainer.is_global_zero:
-            self._write(trainer, pl_module, per_image)
+            self._write(trainer, pl_module, per_image, coverage)
 
     # --- work --------------------------------------------------------------------------------
 
@@ -181,6 +184,7 @@ class EvaluationCallback(Callback):
         # Drop what an interrupted evaluation left behind; decide once whether the oracle applies.
         for source in self.SOURCES:
             self._metrics.pop(f"{stage}/{source}", None)
+        self._coverage.pop(stage, None)
         self._oracle_split[stage] = evaluated_split(trainer, stage) if self.oracle else None
         self._teacher_stage[stage] = self._find_teacher(trainer.lightning_module) if stage == "test" else None
 
@@ -252,6 +256,10 @@ class EvaluationCallback(Callback):
         images, masks = batch["image"], batch["masks"]
         rater_mask, index = batch.get("rater_mask"), batch_index(batch)
         self._update_hypotheses(f"{stage}/model", pl_module, pl_module, batch, batch_idx)
+        if stage == "test":
+            if stage not in self._coverage:
+                self._coverage[stage] = RaterCoverage().to(pl_module.device)
+            self._coverage[stage].update(masks, rater_mask, index)
         dataset = self._oracle_split.get(stage)
         oracle = getattr(dataset, "sample_oracle", None)
         if oracle is not None and index is not None:
@@ -273,7 +281,8 @@ class EvaluationCallback(Callback):
             # Values are already gathered across processes; sync_dist averages identical copies.
             pl_module.log_dict(values, sync_dist=True)
 
-    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, per_image: dict[str, Any]) -> None:
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, per_image: dict[str, Any],
+               coverage: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None) -> None:
         model = getattr(pl_module, "registry_name", "") or type(pl_module).__name__
         if getattr(pl_module, "distiller", None) is not None:
             model += "+kd"  # a distilled student is its own row next to the same model without a teacher
@@ -281,13 +290,25 @@ class EvaluationCallback(Callback):
         common = {"model": model, "dataset": dataset_name(trainer.datamodule) if own_data else "",
                   "num_samples": self.num_samples}
         rows, table = [], {}
+        marking = {}
+        if coverage is not None:
+            fractions, coverage_index = coverage
+            marking = dict(zip(coverage_index.tolist(), fractions["raters_marking"].tolist()))
         for source, (values, index) in per_image.items():
-            rows.append({**common, "source": source, "num_images": int(index.numel()), **summarize(values)})
+            known = bool(marking) and all(i in marking for i in index.tolist()) and not bool((index == NO_INDEX).any())
+            if known:  # one row per subset of images (all; some rater marks; every rater marks)
+                fractions = torch.tensor([marking[i] for i in index.tolist()], dtype=torch.float64)
+                rows += subset_rows({**common, "source": source}, values, fractions)
+            else:
+                rows.append({**common, "source": source, "subset": "all", "num_images": int(index.numel()),
+                             **summarize(values)})
             prefix = self.SOURCES[source]
             for i, idx in enumerate(index.tolist()):
                 key = idx if idx != NO_INDEX else f"position {i}"  # batches without "index"
                 entry = table.setdefault(key, {"index": idx if idx != NO_INDEX else i})
                 entry.update({f"{prefix}{name}": float(v[i]) for name, v in values.items()})
+        subsets = list(SUBSETS)
+        rows.sort(key=lambda row: subsets.index(row["subset"]))  # every source on all images first
         folder = Path(self.results_dir or os.path.join(trainer.default_root_dir, "results"))
         paths = write_results(folder, rows, list(table.values()))
         self.last_results = rows

@@ -2,7 +2,7 @@
 classes (state and cross-process sync only) here."""
 
 from probseg.metrics.base import PerImageMetric
-from probseg.metrics.hypotheses import METRIC_NAMES, HypothesisMetrics, MeanPredictionMetrics
+from probseg.metrics.hypotheses import METRIC_NAMES, HypothesisMetrics, MeanPredictionMetrics, RaterCoverage
 from probseg.metrics.segmentation import (
     BinarizedDice,
     DiceScore,
@@ -24,5 +24,6 @@ __all__ = [
     "HypothesisMetrics",
     "MeanPredictionMetrics",
     "PerImageMetric",
+    "RaterCoverage",
     "SampleDiversity",
 ]

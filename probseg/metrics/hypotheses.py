@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from probseg._ops import check_probabilities
+from probseg._ops import check_probabilities, check_rater_mask
 from probseg.metrics import functional as F
 from probseg.metrics.base import PerImageMetric
 
@@ -64,6 +64,31 @@ class MeanPredictionMetrics(PerImageMetric):
         if probs.ndim == 4:
             probs = probs[:, None]
         self._store(mean_prediction_values(probs, target, rater_mask, self.num_bins), index)
+
+
+class RaterCoverage(PerImageMetric):
+    """``raters_marking`` per image: the fraction of the image's present raters whose mask marks
+    any foreground pixel (class >= 1). It defines the results tables' subsets (images where any /
+    every rater marks a structure; :data:`probseg.results.SUBSETS`) and the fraction of images
+    where every rater's mask is empty.
+
+    Args:
+        **kwargs: torchmetrics ``Metric`` options.
+    """
+
+    higher_is_better = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(("raters_marking",), **kwargs)
+
+    def update(self, target: torch.Tensor, rater_mask: torch.Tensor | None = None,
+               index: torch.Tensor | None = None) -> None:
+        """Add a batch of (B, R, H, W) rater class ids."""
+        if target.ndim != 4 or target.is_floating_point():
+            raise ValueError(f"target must be (B, R, H, W) integer class ids, got {tuple(target.shape)} {target.dtype}")
+        present = check_rater_mask(rater_mask, target).to(torch.float64)
+        marks = (target > 0).flatten(2).any(-1).to(torch.float64)
+        self._store({"raters_marking": (marks * present).sum(1) / present.sum(1)}, index)
 
 
 class HypothesisMetrics(PerImageMetric):

@@ -75,7 +75,7 @@ def test_sample_grids_are_written_and_sent_to_wandb(trained: Path) -> None:
 
 
 def test_results_table_matches_the_logged_test_metrics(trained: Path) -> None:
-    rows = read_results(trained / "run/results/test_results.csv")
+    rows = [r for r in read_results(trained / "run/results/test_results.csv") if r["subset"] == "all"]
     assert [(r["model"], r["dataset"], r["source"], r["num_images"], r["num_samples"]) for r in rows] == [
         ("punet", "synthetic", "model", 8, 4), ("punet", "synthetic", "oracle", 8, 4)]
     (_, test_log) = sorted((trained / "run/logs").glob("version_*/metrics.csv"))
@@ -193,7 +193,8 @@ def test_ddp_evaluation_equals_one_process_on_an_uneven_split(trained: Path, tmp
                 "--data.init_args.min_raters", "2", *extra]
         done = subprocess.run(PROBSEG + args, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
-        results[label] = read_results(tmp_path / label / "run/results/test_results.csv")
+        results[label] = [r for r in read_results(tmp_path / label / "run/results/test_results.csv")
+                          if r["subset"] == "all"]
     one, ddp = results["one"], results["ddp"]
     assert [r["num_images"] for r in ddp] == [7, 7], "the padded repeat must be counted once"
     for a, b in zip(one, ddp):
@@ -233,8 +234,9 @@ def test_no_oracle_for_loaders_that_are_not_the_datamodule_split(tmp_path: Path)
     assert [int(r["index"]) for r in per_image] == [0, 1, 2, 3, 4]
     # The datamodule's own test split gets its oracle row back.
     trainer.test(model, datamodule=dm)
-    assert [r["source"] for r in callback.last_results] == ["model", "oracle"]
+    assert [(r["source"], r["subset"]) for r in callback.last_results][:2] == [("model", "all"), ("oracle", "all")]
     assert callback.last_results[0]["dataset"] == "synthetic"
+    assert {r["subset"] for r in callback.last_results} == {"all", "any_rater", "all_raters"}
 
 
 def test_a_mixtures_hypotheses_are_evaluated_with_their_weights() -> None:
