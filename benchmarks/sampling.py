@@ -31,10 +31,12 @@ def sampling_ratio(model: torch.nn.Module, x: torch.Tensor, s: int, rounds: int)
     """(median ms of one hypothesis, median ratio of S hypotheses to one) of a model in eval mode:
     one and S timed in each round, in alternating order, after a warm-up of both."""
     one_times, ratios = [], []
+    # a mixture's evaluated hypotheses are its weighted ones
+    draw = model.sample_weighted if getattr(model, "weighted", False) else model.sample
     with torch.inference_mode():
-        model.sample(x, 1), model.sample(x, s)
+        draw(x, 1), draw(x, s)
         for i in range(rounds):  # alternate which goes first: neither gets the warmer start
-            pair = [lambda: model.sample(x, 1), lambda: model.sample(x, s)]  # noqa: B023
+            pair = [lambda: draw(x, 1), lambda: draw(x, s)]  # noqa: B023
             first, second = (timed(f, 1, x.device) for f in (pair if i % 2 == 0 else pair[::-1]))
             one, many = (first, second) if i % 2 == 0 else (second, first)
             one_times.append(one)

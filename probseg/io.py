@@ -167,10 +167,10 @@ def summarize(logits: torch.Tensor, weights: torch.Tensor | None = None) -> dict
         weights = torch.full((s,), 1 / s)
         mean, std = probs.mean(0), probs.std(0, unbiased=False)
     else:
-        weights = weights.detach().float().cpu()
-        if weights.shape != (s,):
-            raise ValueError(f"weights must have shape (S,) = ({s},), got {tuple(weights.shape)}")
-        w = (weights / weights.sum())[:, None, None, None]
+        from probseg.metrics.functional.sets import sample_weights
+
+        weights = sample_weights(weights.detach().float().cpu()[None], (1, s), "weights")[0]  # checked, sum 1
+        w = weights[:, None, None, None]
         mean = (w * probs).sum(0)
         std = (w * (probs - mean) ** 2).sum(0).sqrt()
     return {

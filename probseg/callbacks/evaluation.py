@@ -222,20 +222,21 @@ class EvaluationCallback(Callback):
                         batch_idx: int, stage: str) -> None:
         images = batch["image"]
         teacher = distiller.teacher_model(images.device)
-        probs = self._update_hypotheses(f"{stage}/teacher", teacher, pl_module, batch, batch_idx)
+        mean = self._update_hypotheses(f"{stage}/teacher", teacher, pl_module, batch, batch_idx)
         if distiller.kde is None:
             return
         key = f"{stage}/teacher_kde"
         if key not in self._metrics:
             self._metrics[key] = MeanPredictionMetrics(num_bins=self.num_bins).to(pl_module.device)
         generator = torch.Generator(device=images.device).manual_seed((self.seed << 32) + batch_idx)
-        calibrated = distiller.calibrate(probs.mean(dim=1), batch, generator)
+        calibrated = distiller.calibrate(mean, batch, generator)
         self._metrics[key].update(calibrated, batch["masks"], batch.get("rater_mask"), batch_index(batch))
 
     def _update_hypotheses(self, key: str, model: pl.LightningModule, pl_module: pl.LightningModule,
                            batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Draw ``num_samples`` hypotheses of ``model`` (the evaluated model or its teacher), add
-        them to the metrics under ``key`` and return their (B, S, K, H, W) probabilities."""
+        them to the metrics under ``key`` and return their (B, K, H, W) mean probabilities (the
+        weighted mean for a mixture's weighted hypotheses)."""
         images = batch["image"]
         inputs = images.to(next(model.parameters()).dtype)
         generators = draw_generators(batch, self.seed, batch_idx, images.device)
@@ -249,7 +250,9 @@ class EvaluationCallback(Callback):
         self._metric(key, pl_module, gini=sigma is not None).update(
             probs, batch["masks"], batch.get("rater_mask"), batch_index(batch), None if sigma is None else sigma.float(),
             sample_weight=weight)
-        return probs
+        if weight is None:
+            return probs.mean(dim=1)
+        return (probs * weight.to(probs.dtype)[:, :, None, None, None]).sum(dim=1)
 
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict[str, Any], batch_idx: int, stage: str) -> None:

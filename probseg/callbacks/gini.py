@@ -42,15 +42,16 @@ class GiniCallback(Callback):
             return
         if self.history and self.history[-1][0] == step:  # gradient accumulation: one value per step
             return
-        sigma = pl_module.prior_sigmas(batch["image"])
+        network = getattr(pl_module, "network", None)
+        per_level = network.prior_sigmas_per_level(batch["image"]) if network is not None else None
+        # hierarchical models: one curve per level, and every level's sigmas together (one prior pass)
+        sigma = torch.cat(list(per_level.values()), dim=1) if per_level else pl_module.prior_sigmas(batch["image"])
         if sigma is None:
             return
         value = float(gini_index(singular_values(sigma.float(), self.of)).mean())
         self.history.append((step, value))
         values = {"train/gini": value}
-        network = getattr(pl_module, "network", None)
-        per_level = network.prior_sigmas_per_level(batch["image"]) if network is not None else None
-        for level, level_sigma in (per_level or {}).items():  # hierarchical models: one curve per level
+        for level, level_sigma in (per_level or {}).items():
             values[f"train/gini_{level}"] = float(gini_index(singular_values(level_sigma.float(), self.of)).mean())
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)

@@ -176,10 +176,14 @@ class HierarchicalLatents(nn.Module):
         return [d.base_dist.scale.flatten(1) for d in distributions]
 
 
-def per_image_generators(generator: Generators, num_samples: int) -> Generators:
+def per_image_generators(generator: Generators, num_samples: int, batch_size: int | None = None) -> Generators:
     """Generators for S draws per image laid out image-major (B * S rows): a sequence of B
     generators becomes B * S entries, image b's repeated S times. Rows draw in order, so image b's
-    S draws are successive draws of its own stream, whatever batch it sits in."""
+    S draws are successive draws of its own stream, whatever batch it sits in. With
+    ``batch_size``, a sequence of another length is refused."""
     if generator is None or isinstance(generator, torch.Generator):
         return generator
-    return [g for g in generator for _ in range(num_samples)]
+    generators = list(generator)
+    if batch_size is not None and len(generators) != batch_size:
+        raise ValueError(f"got {len(generators)} generators for a batch of {batch_size} images")
+    return [g for g in generators for _ in range(num_samples)]

@@ -98,54 +98,84 @@ class TopKCrossEntropy(Objective):
         return LossTerms({"rec_topk": (ce * mask).flatten(1).sum(1).mean()})
 
 
+class GECOState(nn.Module):
+    """GECO's state as float32 buffers of the task, so checkpoints carry it and a resumed run
+    continues the same schedule: ``multiplier`` (lambda), ``average`` (the constraint's moving
+    average) and ``started``. They stay float32 when the model is cast to half precision (a
+    bf16 lambda would round its small multiplicative steps away)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("multiplier", torch.ones(()))
+        self.register_buffer("average", torch.zeros(()))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> GECOState:
+        super()._apply(fn, recurse)
+        for name in ("multiplier", "average"):
+            if self._buffers[name].dtype != torch.float32:
+                self._buffers[name] = self._buffers[name].float()
+        return self
+
+
 class GECO(Objective):
     """The HPU-Net's reconstruction under a GECO constraint (Rezende & Viola 2018, "Taming VAEs";
-    Kohl et al. 2019): term ``rec_topk``, lambda times the constraint
+    Kohl et al. 2019): in training, term ``rec_topk`` is lambda times the constraint
 
     .. math::
         C = \\frac{1}{B} \\sum_b \\Big(\\sum_{i \\in \\text{top-}k_b} \\mathrm{CE}_i - \\kappa\\, k_b\\Big),
 
     whose value in the loss is its moving average (rate 0.99) while its gradient is the current
-    batch's. After every training step lambda is multiplied by exp(rate * C_ma / k), C_ma / k the
-    averaged constraint per selected pixel: it grows while the mean CE of the selected pixels is
-    above kappa and shrinks once below, so the KL cannot trade the reconstruction away (the
-    collapse the plain ELBO with top-k CE shows). Diagnostics: ``geco_lambda`` and
-    ``geco_constraint`` (C_ma per selected pixel).
+    batch's. After every training forward pass (each micro-batch under gradient accumulation)
+    lambda is multiplied by exp(rate * C_ma / k), C_ma / k the averaged constraint per selected
+    pixel: it grows while the mean CE of the selected pixels is above kappa and shrinks once
+    below, so the KL cannot trade the reconstruction away. A non-finite constraint leaves the
+    state as it was (the task then stops on the non-finite loss). Under DDP the buffers follow
+    rank 0 (DDP broadcasts buffers at every forward pass).
+
+    In validation and test ``rec_topk`` is the plain top-k CE sum (no lambda, nothing updated):
+    lambda drifts over training and can make lambda * C negative, so ``val/loss`` would not
+    compare checkpoints. Diagnostics: ``geco_lambda`` and ``geco_constraint`` (per selected pixel).
 
     Args:
         fraction, deterministic: as in :class:`TopKCrossEntropy`.
         kappa: the target mean CE per selected pixel, nats (the paper: 0.05).
         rate: the step size of log lambda (per nat of constraint per pixel).
-        state: the task's buffers ``(lambda, moving average, started)``, so they are checkpointed.
+        state: the task's :class:`GECOState` (read at every call, so casts and loads apply).
     """
 
     name = "geco"
 
-    def __init__(self, fraction: float, deterministic: bool, kappa: float, rate: float,
-                 state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    def __init__(self, fraction: float, deterministic: bool, kappa: float, rate: float, state: GECOState) -> None:
         if kappa < 0 or rate <= 0:
             raise ValueError(f"geco_kappa must be non-negative and geco_rate positive, got {kappa} and {rate}")
         self.top_k = TopKCrossEntropy(fraction, deterministic)
         self.kappa, self.rate = kappa, rate
-        self.multiplier, self.average, self.started = state
+        self.state = state
 
     def __call__(self, context: StepContext) -> LossTerms:
         ce = pixel_cross_entropy(context.outputs["logits"], context.target)
         mask = top_k_mask(ce, self.top_k.fraction, context.generator, self.top_k.deterministic)
         selected = mask.flatten(1).sum(1)
-        constraint = ((ce * mask).flatten(1).sum(1) - self.kappa * selected).mean()
-        if not context.training:  # validation and test: this batch's constraint, nothing updated
-            per_pixel = constraint.detach() / selected.mean()
-            return LossTerms({"rec_topk": self.multiplier.detach() * constraint},
-                             {"geco_lambda": self.multiplier.detach().clone(), "geco_constraint": per_pixel})
+        total = (ce * mask).flatten(1).sum(1)
+        constraint = (total - self.kappa * selected).mean()
+        state = self.state
+        if not context.training:  # validation and test: the plain top-k CE, nothing updated
+            return LossTerms({"rec_topk": total.mean()},
+                             {"geco_lambda": state.multiplier.detach().clone(),
+                              "geco_constraint": constraint.detach() / selected.mean()})
+        finite = torch.isfinite(constraint.detach())
         with torch.no_grad():  # the first step starts the average at its value (no host read)
-            self.average.copy_(torch.where(self.started, 0.99 * self.average + 0.01 * constraint, constraint))
-            self.started.fill_(True)
-        used = self.multiplier.detach().clone()
-        term = used * (constraint + (self.average - constraint).detach())
-        per_pixel = self.average.detach() / selected.mean()
+            value = constraint.detach().float()
+            moved = torch.where(state.started, 0.99 * state.average + 0.01 * value, value)
+            state.average.copy_(torch.where(finite, moved, state.average))
+            state.started.logical_or_(finite)
+        used = state.multiplier.detach().clone()
+        term = used.to(constraint.dtype) * (constraint + (state.average.to(constraint.dtype) - constraint).detach())
+        per_pixel = state.average.detach() / selected.mean().float()
         with torch.no_grad():
-            self.multiplier.mul_(torch.exp(self.rate * per_pixel)).clamp_(1e-6, 1e6)
+            step = torch.where(finite, torch.exp(self.rate * per_pixel), torch.ones_like(per_pixel))
+            state.multiplier.mul_(step).clamp_(1e-6, 1e6)
         return LossTerms({"rec_topk": term}, {"geco_lambda": used, "geco_constraint": per_pixel})
 
 
@@ -199,7 +229,7 @@ class HPUNetNetwork(Network):
         check_image(images, self.in_channels, self.downsampling)
         b = images.shape[0]
         skips = [f.repeat_interleave(num_samples, dim=0) for f in self.prior.down(images)]  # encode once
-        _, z_p, state = self.prior(images, skips=skips, generator=per_image_generators(generator, num_samples))
+        _, z_p, state = self.prior(images, skips=skips, generator=per_image_generators(generator, num_samples, b))
         logits = self.decode(z_p[-1], state, skips)
         return logits.view(b, num_samples, *logits.shape[1:])
 
@@ -260,13 +290,8 @@ class HierarchicalProbUNet(ProbSegModel):
         super().__init__(**kwargs)
         objectives: list[Objective] = []
         if geco:
-            # lambda, the constraint's moving average and whether it started: buffers, so they are
-            # checkpointed and a resumed run continues the same schedule
-            self.register_buffer("geco_multiplier", torch.ones(()))
-            self.register_buffer("geco_average", torch.zeros(()))
-            self.register_buffer("geco_started", torch.zeros((), dtype=torch.bool))
-            objectives.append(GECO(top_k, deterministic_top_k, geco_kappa, geco_rate,
-                                   (self.geco_multiplier, self.geco_average, self.geco_started)))
+            self.geco_state = GECOState()
+            objectives.append(GECO(top_k, deterministic_top_k, geco_kappa, geco_rate, self.geco_state))
         elif top_k:
             objectives.append(TopKCrossEntropy(top_k, deterministic_top_k))
         self.reconstructs = not top_k

@@ -106,6 +106,8 @@ def relaxed_coupling(cost: np.ndarray, rater_mass: np.ndarray, cap: float, metho
     <= ``cap``, P >= 0 ("exact": an assignment when the cap is a whole number of uniform rater
     masses, else the linear program; "lp": always the linear program), or the official code's
     greedy fill ("greedy")."""
+    if method not in (*COUPLINGS, "lp"):
+        raise ValueError(f"method must be one of {(*COUPLINGS, 'lp')}, got {method!r}")
     n, m = cost.shape
     if method == "greedy":
         plan = np.zeros((n, m))
@@ -192,13 +194,13 @@ class MoSENetwork(Network):
         check_image(images, self.in_channels, self.downsampling)
         skips = self.unet.down(images)
         features = self.unet.decode(skips)
-        pooled = skips[-1].mean(dim=(-2, -1)).float()
-        pi = self.gate(pooled).softmax(dim=-1)
+        pooled = skips[-1].mean(dim=(-2, -1))
+        pi = self.gate(pooled).float().softmax(dim=-1)
         b, k, l = images.shape[0], self.num_experts, self.latent_dim
         if self.experts == "learned":
             mu, log_sigma = self.expert_mu.expand(b, k, l), self.expert_log_sigma.expand(b, k, l)
         else:
-            mu, log_sigma = self.expert_head(pooled).view(b, 2, k, l).unbind(1)
+            mu, log_sigma = self.expert_head(pooled).float().view(b, 2, k, l).unbind(1)
         sigma = (LOG_SIGMA_BOUND * torch.tanh(log_sigma / LOG_SIGMA_BOUND)).exp()
         return features, pi, mu, sigma
 
@@ -239,7 +241,11 @@ class MoSENetwork(Network):
 
     def sample_weighted(self, images: torch.Tensor, num_samples: int = 16,
                         generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """S draws shared out over the experts, each weighing pi_k / S_k (see the module docstring)."""
+        """S draws shared out over the experts, each weighing pi_k / S_k (see the module
+        docstring); with fewer draws than experts, S draws of :meth:`sample` weighing 1 / S."""
+        if num_samples < self.num_experts:
+            logits = self.sample(images, num_samples, generator)
+            return logits, torch.full(logits.shape[:2], 1 / num_samples, device=logits.device)
         logits, weights = self._stratified(images, expert_counts(num_samples, self.num_experts), generator)
         return logits, weights.float()
 
@@ -300,9 +306,10 @@ class MoSEOptimalTransport(Objective):
         self.beta, self.coupling, self.gate_kl_reduction = beta, coupling, gate_kl_reduction
 
     def cap(self, step: int, training: bool) -> float:
-        """gamma at a step: ``relaxation`` until ``relaxation_steps`` training steps, then 1 (also
-        for validation after the switch)."""
-        if self.relaxation_steps is not None and step >= self.relaxation_steps:
+        """gamma at a step: in training ``relaxation`` until ``relaxation_steps`` steps, then 1;
+        in validation and test always 1, so ``val/loss`` means the same before and after the
+        switch (each rater's cost to its nearest prediction)."""
+        if not training or (self.relaxation_steps is not None and step >= self.relaxation_steps):
             return 1.0
         return self.relaxation
 
@@ -391,6 +398,9 @@ class MixtureOfStochasticExperts(ProbSegModel):
         if kwargs.get("fusion", "random") != "random":
             raise ValueError("fusion does not apply to MoSE: it is trained against every rater of an image at once")
         objective = MoSEOptimalTransport(relaxation, relaxation_steps, beta, coupling, gate_kl_reduction)
+        if num_experts * samples_per_expert * relaxation < 1 - 1e-9:
+            raise ValueError(f"{num_experts} experts x {samples_per_expert} draws with relaxation {relaxation} cannot carry "
+                             f"the raters' mass: relaxation must be >= 1 / {num_experts * samples_per_expert}")
         super().__init__(**kwargs)
         self.objectives = [objective]
         self.network = MoSENetwork(self.in_channels, self.num_classes, num_filters, convs_per_block, num_experts,

@@ -267,7 +267,8 @@ class HierarchicalKL(KLDivergence):
     Args:
         level_weights: w_l, finest level first (PHiSeg: 4^l, HPU-Net: all 1).
         beta, warmup_steps: as in :class:`KLDivergence`.
-        free_bits: a floor in nats on the batch-mean KL of each level (0: off).
+        free_bits: a floor in nats on the batch-mean KL of each latent entry (each channel and
+            pixel of each level's map, the analogue of a PU-Net's latent dimension; 0: off).
     """
 
     def __init__(self, level_weights: list[float], beta: float = 1.0, warmup_steps: int = 0,
@@ -283,10 +284,13 @@ class HierarchicalKL(KLDivergence):
             raise ValueError(f"expected {len(self.level_weights)} latent levels, got {len(posteriors)} posteriors "
                              f"and {len(priors)} priors")
         # coarse to fine in the outputs; level 0 (weight w_0) is the finest
-        per_level = torch.stack([kl_divergence(q, p) for q, p in zip(posteriors[::-1], priors[::-1])], dim=1)  # (B, L)
-        means = per_level.mean(0)
-        if self.free_bits > 0:
-            means = means.clamp_min(self.free_bits)
+        pairs = list(zip(posteriors[::-1], priors[::-1]))
+        per_level = torch.stack([kl_divergence(q, p) for q, p in pairs], dim=1)  # (B, L)
+        if self.free_bits > 0:  # floor every latent entry's batch-mean KL, then sum each map
+            means = torch.stack([kl_divergence(q.base_dist, p.base_dist).mean(0).clamp_min(self.free_bits).sum()
+                                 for q, p in pairs])
+        else:
+            means = per_level.mean(0)
         weights = torch.as_tensor(self.level_weights, dtype=means.dtype, device=means.device)
         weight = self.weight(context.step, context.training)
         diagnostics = {f"kl_level{l}": value for l, value in enumerate(per_level.mean(0).detach().unbind())}

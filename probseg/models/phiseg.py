@@ -157,7 +157,7 @@ class PHiSegNetwork(Network):
         self._check(images)
         b = images.shape[0]
         skips = [f.repeat_interleave(num_samples, dim=0) for f in self.prior.down(images)]  # encode once
-        _, z_p, _ = self.prior(images, skips=skips, generator=per_image_generators(generator, num_samples))
+        _, z_p, _ = self.prior(images, skips=skips, generator=per_image_generators(generator, num_samples, b))
         logits = torch.stack(self.likelihood(z_p, images.shape[-2:])).sum(0)
         return logits.view(b, num_samples, *logits.shape[1:])
 

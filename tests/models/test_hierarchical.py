@@ -50,8 +50,9 @@ def test_hierarchical_kl_matches_a_hand_computation(kind: str) -> None:
     assert terms["kl"].item() == pytest.approx(expect, rel=1e-10)
     for level, kl in enumerate(fine_first):
         assert terms.diagnostics[f"kl_level{level}"].item() == pytest.approx(kl, rel=1e-10)
+    entries = [2 * 4 * 4, 2 * 2 * 2, 2 * 1 * 1]  # latent entries per level, finest first
     floored = HierarchicalKL(weights, beta=0.5, free_bits=1e3)(context)["kl"]
-    assert floored.item() == pytest.approx(0.5 * 1e3 * sum(weights))
+    assert floored.item() == pytest.approx(0.5 * 1e3 * sum(w * n for w, n in zip(weights, entries)))
 
 
 def test_latent_levels_sit_at_the_coarsest_resolutions() -> None:
@@ -214,12 +215,63 @@ def test_geco_lambda_falls_once_the_constraint_is_met_and_is_checkpointed() -> N
     model = MODELS["hpunet"](**HPUNET, geco_kappa=100.0).train()  # every CE is below 100 nats
     for step in range(3):
         model.loss_terms(_batch(), torch.Generator().manual_seed(step))
-    assert model.geco_multiplier.item() < 1 and bool(model.geco_started)
-    state = model.state_dict()
+    state = model.geco_state
+    assert state.multiplier.item() < 1 and bool(state.started)
     fresh = MODELS["hpunet"](**HPUNET, geco_kappa=100.0)
-    fresh.load_state_dict(state)
-    assert fresh.geco_multiplier.item() == model.geco_multiplier.item()
-    assert fresh.objectives[0].multiplier is fresh.geco_multiplier  # the objective reads the loaded buffer
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.geco_state.multiplier.item() == state.multiplier.item()
+    assert fresh.objectives[0].state is fresh.geco_state  # the objective reads the loaded buffers
+    # a cast replaces buffer tensors: the objective still reads the task's, kept in float32
+    fresh.to(torch.bfloat16)
+    assert fresh.geco_state.multiplier.dtype == torch.float32 and fresh.network.head.weight.dtype == torch.bfloat16
+    fresh.double()
+    assert fresh.geco_state.multiplier.dtype == torch.float32
+    fresh.float().train().loss_terms(_batch(), torch.Generator().manual_seed(5))
+    assert fresh.geco_state.multiplier.item() < state.multiplier.item(), "the cast model keeps updating lambda"
+    before = state.multiplier.item()
     evaluation = model.eval().loss_terms(_batch(), torch.Generator().manual_seed(0))
-    assert model.geco_multiplier.item() == fresh.geco_multiplier.item(), "validation must not update lambda"
-    assert "rec_topk" in evaluation
+    assert state.multiplier.item() == before, "validation must not update lambda"
+    torch.manual_seed(0)
+    plain = MODELS["hpunet"](**HPUNET, geco=False)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("geco_state")})
+    expect = plain.eval().loss_terms(_batch(), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(evaluation["rec_topk"], expect["rec_topk"]), "validation: the plain top-k CE"
+
+
+def test_a_non_finite_constraint_leaves_the_geco_state_as_it_was() -> None:
+    from probseg.models.hpunet import GECO, GECOState
+    from probseg.models.objectives import StepContext
+
+    state = GECOState()
+    objective = GECO(0.5, True, 0.05, 0.1, state)
+    logits = torch.full((1, 2, 2, 2), float("nan"))
+    context = StepContext({}, torch.zeros(1, 2, 2, dtype=torch.long), {"logits": logits}, None, training=True)
+    objective(context)
+    assert state.multiplier.item() == 1.0 and state.average.item() == 0.0 and not bool(state.started)
+
+
+def test_phiseg_accumulations_and_kl_levels_are_ordered_finest_first() -> None:
+    """Three latent levels: logits = s_0 + s_1 + s_2 and level_logits = [s_1 + s_2, s_2] (level 0
+    the finest), rebuilt from the likelihood's residuals of the posterior's draws; kl_level0 is the
+    KL of the largest latent map and carries weight 4^0 = 1."""
+    from torch.distributions import kl_divergence
+
+    torch.manual_seed(0)
+    model = MODELS["phiseg"](num_filters=[4, 8, 8, 8], convs_per_block=1, latent_levels=3)
+    network = model.network
+    batch = _batch(size=32)
+    target = batch["masks"][:, 0]
+    out = network(batch, target, torch.Generator().manual_seed(4))
+    mask = torch.nn.functional.one_hot(target, 2).permute(0, 3, 1, 2).float() - 0.5
+    _, z_q, _ = network.posterior(torch.cat([batch["image"], mask], 1), generator=torch.Generator().manual_seed(4))
+    s2, s1, s0 = network.likelihood(z_q, (32, 32))  # coarse to fine
+    torch.testing.assert_close(out["logits"], s0 + s1 + s2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["level_logits"][0], s1 + s2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["level_logits"][1], s2, rtol=1e-5, atol=1e-5)
+    finest = max(range(3), key=lambda i: out["posteriors"][i].event_shape.numel())
+    assert out["posteriors"][finest].event_shape == (2, 16, 16)
+    kl_finest = kl_divergence(out["posteriors"][finest], out["priors"][finest]).mean()
+    terms = model.objectives[-1](type("C", (), {"outputs": out, "step": 0, "training": False})())
+    assert terms.diagnostics["kl_level0"].item() == pytest.approx(kl_finest.item(), rel=1e-6)
+    coarse = [kl_divergence(q, p).mean() for q, p in zip(out["posteriors"], out["priors"])]  # 4x4, 8x8, 16x16
+    assert terms["kl"].item() == pytest.approx((16 * coarse[0] + 4 * coarse[1] + coarse[2]).item(), rel=1e-5)

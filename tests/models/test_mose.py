@@ -97,7 +97,7 @@ def test_objective_terms_by_hand() -> None:
     mean = MoSEOptimalTransport(relaxation=1.0, gate_kl_reduction="mean", beta=2.0)(context)
     assert mean["gate_kl"].item() == pytest.approx(2 * np.log(1 / 0.8) / 2, abs=1e-6)
     # gamma = 1/2 splits the raters over both predictions until the switch step
-    capped = MoSEOptimalTransport(relaxation=0.5, relaxation_steps=11)(context)
+    capped = MoSEOptimalTransport(relaxation=0.5, relaxation_steps=11)(context)  # training, step 10
     assert capped.diagnostics["relaxation"].item() == 0.5
     assert capped["rec_ot"].item() == pytest.approx(cost.mean().item(), abs=1e-6)
     switched = MoSEOptimalTransport(relaxation=0.5, relaxation_steps=10)(context)
@@ -133,7 +133,12 @@ def test_weighted_hypotheses_weigh_pi_over_each_experts_draws() -> None:
     torch.testing.assert_close(weights, expect)
     torch.testing.assert_close(weights.sum(1), torch.ones(2))
     with pytest.raises(ValueError, match="at least one hypothesis per expert"):
-        network.sample_weighted(images, 2)
+        expert_counts(2, 3)
+    with torch.no_grad():  # fewer draws than experts: categorical draws of equal weight
+        few, uniform = network.sample_weighted(images, 2, torch.Generator().manual_seed(0))
+        expect = network.sample(images, 2, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(few, expect)
+    torch.testing.assert_close(uniform, torch.full((2, 2), 0.5))
 
 
 def test_categorical_hypotheses_follow_the_gate() -> None:
@@ -191,9 +196,27 @@ def test_bad_mose_configuration(kwargs: dict, match: str) -> None:
 
 
 def test_a_cap_too_small_for_the_predictions_is_refused() -> None:
-    model = MODELS["mose"](**{**TINY, "relaxation": 0.1})  # 6 predictions x 0.1 < 1
     with pytest.raises(ValueError, match="cannot carry"):
-        model.loss_terms(_batch())
+        MODELS["mose"](**{**TINY, "relaxation": 0.1})  # 6 predictions x 0.1 < 1
+    with pytest.raises(ValueError, match="cannot carry"):
+        MoSEOptimalTransport(relaxation=0.1).couplings(torch.rand(1, 6, 2), torch.ones(1, 2, dtype=torch.bool), 0.1)
+    with pytest.raises(ValueError, match="method must be one of"):
+        relaxed_coupling(np.ones((2, 2)), np.full(2, 0.5), 1.0, "gredy")
+
+
+def test_validation_uses_the_unrelaxed_cap() -> None:
+    objective = MoSEOptimalTransport(relaxation=0.5, relaxation_steps=100)
+    assert objective.cap(0, training=True) == 0.5 and objective.cap(0, training=False) == 1.0
+    assert objective.cap(100, training=True) == 1.0
+
+
+def test_mose_samples_with_half_precision_weights() -> None:
+    torch.manual_seed(0)
+    network = MODELS["mose"](**TINY).network.to(torch.bfloat16).eval()
+    with torch.no_grad():
+        logits, weights = network.sample_weighted(torch.rand(1, 1, 16, 16, dtype=torch.bfloat16), 6)
+    assert logits.dtype == torch.bfloat16 and weights.dtype == torch.float32
+    torch.testing.assert_close(weights.sum(1), torch.ones(1))
 
 
 def test_the_assignment_path_equals_the_linear_program() -> None:

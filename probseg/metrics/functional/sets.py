@@ -30,7 +30,9 @@ describes it), and every expectation of GED and diversity is weighted,
 
 over the same pairs as unweighted (``self_pairs=False`` leaves i = j out of both sums). Uniform
 weights give the unweighted values (the matching then takes the assignment path, the same
-numbers exactly).
+numbers exactly). Integer weights n_i give the values of the set where hypothesis i appears n_i
+times for the matching and, with self-pairs, for GED and diversity; without self-pairs only i = j
+is left out, so the copies of one hypothesis (at distance 0 from each other) are not counted.
 """
 
 from __future__ import annotations
