@@ -275,3 +275,25 @@ def test_phiseg_accumulations_and_kl_levels_are_ordered_finest_first() -> None:
     assert terms.diagnostics["kl_level0"].item() == pytest.approx(kl_finest.item(), rel=1e-6)
     coarse = [kl_divergence(q, p).mean() for q, p in zip(out["posteriors"], out["priors"])]  # 4x4, 8x8, 16x16
     assert terms["kl"].item() == pytest.approx((16 * coarse[0] + 4 * coarse[1] + coarse[2]).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["phiseg", "hpunet"])
+def test_the_posterior_path_carries_the_target(name: str) -> None:
+    """Images without information and beta = 0: only the posterior's latents know which half of
+    the image the rater marked, so the reconstruction falls far only if the latents reach the
+    logits (a broken conditioning path stays at the cross-entropy of a coin flip)."""
+    torch.manual_seed(0)
+    args = {"num_filters": [8, 16, 16], "convs_per_block": 1, "latent_levels": 2, "beta": 0.0, "lr": 3e-3}
+    model = MODELS[name](**args, **({"top_k": 0, "geco": False} if name == "hpunet" else {}))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    masks = torch.zeros(8, 1, 16, 16, dtype=torch.long)
+    masks[1::2, 0, :8] = 1
+    masks[0::2, 0, :, :8] = 1
+    batch = {"image": torch.zeros(8, 1, 16, 16), "masks": masks, "rater_mask": torch.ones(8, 1, dtype=torch.bool)}
+    coin = 16 * 16 * math.log(2)  # the CE per image of predicting 0.5 everywhere
+    for step in range(60):
+        terms = model.loss_terms(batch, torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        sum(terms.values()).backward()
+        optimizer.step()
+    assert terms["rec_ce"].item() < 0.1 * coin, terms["rec_ce"].item()
