@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 
 from probseg.metrics import HypothesisMetrics, MeanPredictionMetrics, RaterCoverage
 from probseg.metrics.base import NO_INDEX
-from probseg.metrics.functional import GINI_OF, KERNELS, MATCHINGS, check_kernels
+from probseg.metrics.functional import CE_READINGS, GINI_OF, KERNELS, MATCHINGS, check_kernels
 from probseg.results import SUBSETS, subset_rows, summarize, write_results
 
 
@@ -101,6 +101,8 @@ class EvaluationCallback(Callback):
             :data:`probseg.metrics.functional.MATCHINGS` ("lcm": exact optimal transport;
             "tile": the cSAE paper's; "rectangular": optimistic).
         gini_of: the Gini index of the prior's "sigma" (default) or "variance".
+        ce_reading: the "ce" kernel's reading: "mean" (default), "sum" or "binarized" (see
+            :data:`probseg.metrics.functional.CE_READINGS`).
         results_dir: folder of the test results (default ``{default_root_dir}/results``).
         teacher: evaluate a distillation student's teacher at test (when its checkpoint is
             found; a missing one is reported with a warning and its rows are left out).
@@ -122,6 +124,7 @@ class EvaluationCallback(Callback):
         teacher: bool = True,
         matching: str = "lcm",
         gini_of: str = "sigma",
+        ce_reading: str = "mean",
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -132,7 +135,9 @@ class EvaluationCallback(Callback):
             raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
         if gini_of not in GINI_OF:
             raise ValueError(f"gini_of must be one of {GINI_OF}, got {gini_of!r}")
-        self.matching, self.gini_of = matching, gini_of
+        if ce_reading not in CE_READINGS:
+            raise ValueError(f"ce_reading must be one of {CE_READINGS}, got {ce_reading!r}")
+        self.matching, self.gini_of, self.ce_reading = matching, gini_of, ce_reading
         self.num_samples = num_samples
         self.kernels = tuple(kernels)
         self.oracle = oracle
@@ -214,7 +219,7 @@ class EvaluationCallback(Callback):
             self._metrics[key] = HypothesisMetrics(
                 num_classes=pl_module.num_classes, kernels=self.kernels, gini=gini,
                 num_bins=self.num_bins, self_pairs=self.self_pairs, matching=self.matching,
-                gini_of=self.gini_of,
+                gini_of=self.gini_of, ce_reading=self.ce_reading,
             ).to(pl_module.device)
         return self._metrics[key]
 

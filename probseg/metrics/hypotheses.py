@@ -106,6 +106,8 @@ class HypothesisMetrics(PerImageMetric):
             :data:`probseg.metrics.functional.MATCHINGS` (default "lcm": exact optimal transport).
         gini_of: the Gini index of the prior's "sigma" (default) or "variance" (see
             :mod:`probseg.metrics.functional.gini`).
+        ce_reading: the "ce" kernel's reading, one of
+            :data:`probseg.metrics.functional.CE_READINGS` (default "mean").
         **kwargs: torchmetrics ``Metric`` options.
     """
 
@@ -121,9 +123,12 @@ class HypothesisMetrics(PerImageMetric):
         eps: float = F.CE_EPS,
         matching: str = "lcm",
         gini_of: str = "sigma",
+        ce_reading: str = "mean",
         **kwargs: Any,
     ) -> None:
         F.check_kernels(kernels)
+        if ce_reading not in F.CE_READINGS:
+            raise ValueError(f"ce_reading must be one of {F.CE_READINGS}, got {ce_reading!r}")
         F.singular_values(torch.ones(1, 1), gini_of)  # checks the name
         if matching not in F.MATCHINGS:
             raise ValueError(f"matching must be one of {F.MATCHINGS}, got {matching!r}")
@@ -134,15 +139,17 @@ class HypothesisMetrics(PerImageMetric):
         self.num_classes = num_classes
         self.kernels = tuple(k for k in F.KERNELS if k in kernels)
         self.num_bins, self.self_pairs, self.eps, self.matching = num_bins, self_pairs, eps, matching
-        self.gini_of = gini_of
+        self.gini_of, self.ce_reading = gini_of, ce_reading
 
     def _costs(self, probs: torch.Tensor, labels: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """{kernel: (B, S, R)} for the kernels stored plus "iou" (GED needs it)."""
         kernels = tuple(k for k in F.KERNELS if k in self.kernels or k == "iou")
         if self.num_classes == 2:
-            return F.pairwise_costs(labels == 1, target == 1, kernels, probs=probs[:, :, 1], eps=self.eps)
+            return F.pairwise_costs(labels == 1, target == 1, kernels, probs=probs[:, :, 1], eps=self.eps,
+                                    ce_reading=self.ce_reading)
         return {
-            k: F.per_class_pairwise_cost(probs if k == "ce" else labels, target, self.num_classes, k, eps=self.eps)
+            k: F.per_class_pairwise_cost(probs if k == "ce" else labels, target, self.num_classes, k, eps=self.eps,
+                                         ce_reading=self.ce_reading)
             for k in kernels
         }
 

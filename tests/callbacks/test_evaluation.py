@@ -158,6 +158,8 @@ def test_gini_callback_logs_the_mean_gini_of_the_batch_prior_sigmas_every_n_step
         (lambda: EvaluationCallback(kernels=["iou", "jaccard"]), "unknown kernels"),
         (lambda: EvaluationCallback(every_n_epochs=0), "every_n_epochs"),
         (lambda: EvaluationCallback(matching="greedy"), "matching must be one of"),
+        (lambda: EvaluationCallback(gini_of="std"), "gini_of must be one of"),
+        (lambda: EvaluationCallback(ce_reading="pixel"), "ce_reading must be one of"),
         (lambda: GiniCallback(every_n_steps=0), "every_n_steps"),
         (lambda: SampleGridCallback(num_images=0), "must be positive"),
     ],

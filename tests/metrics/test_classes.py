@@ -370,3 +370,17 @@ def test_hypothesis_metrics_matching_convention(matching: str) -> None:
     torch.testing.assert_close(values["ged"], default.per_image()[0]["ged"])
     with pytest.raises(ValueError, match="matching must be one of"):
         HypothesisMetrics(matching="hungarian")
+
+
+def test_hypothesis_metrics_ce_reading() -> None:
+    """The class's hm_ce uses its CE reading: "binarized" is the matched 100 x mismatch rate."""
+    from probseg.metrics.functional import matched_cost, pairwise_cost
+
+    probs, target = _hypotheses(2, seed=32)
+    metric = HypothesisMetrics(num_classes=2, kernels=("ce",), gini=False, ce_reading="binarized")
+    metric.update(torch.as_tensor(probs), torch.as_tensor(target))
+    cost = pairwise_cost(torch.as_tensor(probs[:, :, 1]), torch.as_tensor(target == 1), "ce", ce_reading="binarized")
+    got = metric.per_image()[0]["hm_ce"]
+    torch.testing.assert_close(got, matched_cost(cost).to(got.dtype))
+    with pytest.raises(ValueError, match="ce_reading must be one of"):
+        HypothesisMetrics(ce_reading="pixel")

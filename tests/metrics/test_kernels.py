@@ -382,3 +382,22 @@ def test_per_class_cost_rejects_class_ids_outside_the_range(kernel: str) -> None
         per_class_pairwise_cost(bad, labels, 3, kernel)
     with pytest.raises(TypeError, match="integer class ids"):
         per_class_pairwise_cost(labels.float(), labels, 3, kernel)
+
+
+def test_ce_readings_sum_and_binarized_against_torch() -> None:
+    """"sum" is H W times the default mean; "binarized" is torch's binary_cross_entropy of
+    (p > 0.5) against the rater mask (log clamped at -100), mean over pixels, pair by pair."""
+    from probseg.metrics.functional import pairwise_cost
+
+    rng = np.random.default_rng(8)
+    b, s, r, h, w = 2, 3, 2, 7, 5
+    p = torch.as_tensor(rng.random((b, s, h, w)))
+    target = torch.as_tensor(rng.random((b, r, h, w)) > 0.6)
+    mean = pairwise_cost(p, target, "ce")
+    torch.testing.assert_close(pairwise_cost(p, target, "ce", ce_reading="sum"), mean * h * w)
+    got = pairwise_cost(p, target, "ce", ce_reading="binarized")
+    for i, j, k in np.ndindex(b, s, r):
+        ref = torch.nn.functional.binary_cross_entropy((p[i, j] > 0.5).double(), target[i, k].double())
+        assert got[i, j, k].item() == pytest.approx(ref.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="ce_reading must be one of"):
+        pairwise_cost(p, target, "ce", ce_reading="pixel")

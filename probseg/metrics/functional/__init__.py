@@ -16,6 +16,7 @@ from probseg.metrics.functional.calibration import (
 from probseg.metrics.functional.gini import GINI_OF, gini_index, singular_values
 from probseg.metrics.functional.kernels import (
     CE_EPS,
+    CE_READINGS,
     KERNELS,
     check_kernels,
     foreground_windows,
@@ -39,6 +40,7 @@ from probseg.metrics.functional.sets import (
 __all__ = [
     "BDICE_THRESHOLDS",
     "CE_EPS",
+    "CE_READINGS",
     "GINI_OF",
     "KERNELS",
     "MATCHINGS",
