@@ -16,7 +16,7 @@ from probseg.metrics import HypothesisMetrics
 from probseg.models import MODELS
 from probseg.models.csae import sinkhorn_divergence
 from tests.helpers import tiny_config
-from tests.models.test_zoo import TINY_ARGS
+from tests.models.test_zoo import MIX_ARGS, TINY_ARGS
 from tests.test_checkpoint import _malicious_checkpoint
 
 
@@ -86,7 +86,9 @@ def test_every_model_stays_finite_on_extreme_inputs(name: str, case: str) -> Non
     and every gradient stays finite, also with a soft-label loss mix."""
     torch.manual_seed(0)
     mix = {"reconstruction": {"ce": 0.5, "dml1": 0.5, "uniform_kl": 0.1}} if MODELS[name].reconstructs else {}
-    model = MODELS[name](**TINY_ARGS[name], fusion="mean", **mix)
+    mix.update(MIX_ARGS.get(name, {}) if mix else {})  # e.g. the HPU-Net trains on the mix without top-k
+    fusion = {} if name == "mose" else {"fusion": "mean"}  # MoSE learns from every rater, no fusion
+    model = MODELS[name](**TINY_ARGS[name], **fusion, **mix)
     image = {"zeros": torch.zeros(2, 1, 32, 32), "constant_masks": torch.rand(2, 1, 32, 32),
              "huge_images": 1e4 * torch.randn(2, 1, 32, 32)}[case]
     masks = torch.ones(2, 3, 32, 32, dtype=torch.long) if case == "constant_masks" else torch.randint(0, 2, (2, 3, 32, 32))
@@ -159,9 +161,11 @@ def test_step_interval_saves_happen_before_the_first_validation(tmp_path: Path) 
     assert probe.seen == [None, 1, 2, 3], "last.ckpt must follow every step of the first epoch"
 
 
-def test_half_precision_models_still_run() -> None:
+@pytest.mark.parametrize("name", ["planar", "phiseg", "hpunet", "mose"])
+def test_half_precision_models_still_run(name: str) -> None:
     """Weights in bf16 (``precision: bf16-true``): the float32 guards apply to autocast only."""
-    model = MODELS["planar"](**TINY_ARGS["planar"]).to(torch.bfloat16)
+    torch.manual_seed(0)
+    model = MODELS[name](**TINY_ARGS[name]).to(torch.bfloat16)
     batch = {"image": torch.rand(2, 1, 32, 32, dtype=torch.bfloat16), "masks": torch.randint(0, 2, (2, 3, 32, 32))}
     terms = model.loss_terms(batch)
     assert all(torch.isfinite(v.float()) for v in terms.values())

@@ -11,10 +11,18 @@ slices leak across splits:
   ``fold`` k is the validation set and the other two folds the training set.
 
 :class:`ArrayDataModule` serves your own data from one ``.npz`` file (see its docstring).
+
+Splits saved with the run: a data module attached to a trainer writes the image ids of each
+split to ``{default_root_dir}/splits.json`` (or ``split_file``) the first time it splits, and
+reads them back from there afterwards, so a later ``probseg test`` on the same run folder
+evaluates exactly the images the run held out, even if the data file's order changes. The file
+records how the split was made (mode, seed, fold, fractions); a run that asks for another split
+in the same folder is refused, naming the file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +35,8 @@ from torch.utils.data import Dataset
 from probseg.data.base import SPLITS, ProbSegDataModule
 
 SPLIT_MODES = ("given", "random", "paper")
+SPLIT_FILE = "splits.json"
+"""The file of a run folder that holds the image ids of each split."""
 PAPER_TEST_FRACTION = 0.2
 PAPER_FOLDS = 3
 
@@ -142,6 +152,51 @@ def split_by_patient(
     return {split: np.flatnonzero(assignment == split) for split in SPLITS}
 
 
+def write_split_file(path: str | os.PathLike, ids: Sequence[str], splits: dict[str, np.ndarray],
+                     recipe: dict[str, Any]) -> Path:
+    """Write the image ids of each split and how the split was made (``recipe``) as JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = {"recipe": recipe, **{split: [ids[i] for i in splits[split]] for split in SPLITS}}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_split_file(path: str | os.PathLike, ids: Sequence[str], recipe: dict[str, Any] | None = None
+                    ) -> dict[str, np.ndarray]:
+    """The split indices of ``ids`` named by a file of :func:`write_split_file`.
+
+    Raises a ValueError naming the file when its recipe differs from ``recipe`` (another split was
+    asked for), when it names an image the data does not hold, or when an image is in two splits.
+    """
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable split file ({err})") from err
+    if not isinstance(content, dict) or not all(isinstance(content.get(s), list) for s in SPLITS):
+        raise ValueError(f"{path}: a split file holds a list of image ids for each of {SPLITS}")
+    saved = content.get("recipe", {})
+    if recipe is not None and saved and saved != recipe:
+        changed = sorted(k for k in set(saved) | set(recipe) if saved.get(k) != recipe.get(k))
+        raise ValueError(f"{path} holds the splits of {saved}; this run asks for {recipe} (differs in {changed}). "
+                         "Use another run folder (default_root_dir) or split_file, or delete the file")
+    position = {image: i for i, image in enumerate(ids)}
+    out, seen = {}, set()
+    for split in SPLITS:
+        unknown = [image for image in content[split] if image not in position]
+        if unknown:
+            raise ValueError(f"{path}: the {split} split names images the data does not hold, e.g. {unknown[:3]}")
+        twice = seen.intersection(content[split])
+        if twice:
+            raise ValueError(f"{path}: images in two splits, e.g. {sorted(twice)[:3]}")
+        seen.update(content[split])
+        out[split] = np.sort(np.array([position[image] for image in content[split]], dtype=np.int64))
+    return out
+
+
 class ArrayDataset(Dataset):
     """Items of a :class:`MultiRaterArrays` subset, in the library's item format.
 
@@ -206,16 +261,20 @@ class MultiRaterDataModule(ProbSegDataModule):
         crop: (h, w) crop size (random for training, central for evaluation), or None.
         batch_size, num_workers, num_classes, in_channels, augmentation: see
             :class:`ProbSegDataModule`.
+        split_file: the JSON file of the split's image ids (see the module docstring); default:
+            ``splits.json`` in the trainer's ``default_root_dir`` when a trainer is attached.
     """
 
     def __init__(self, split_mode: str = "given", seed: int = 0, fractions: Sequence[float] = (0.7, 0.1, 0.2),
                  fold: int = 0, crop: Sequence[int] | None = None, batch_size: int = 16, num_workers: int = 0,
-                 num_classes: int = 2, in_channels: int = 1, augmentation: bool | dict[str, Any] | None = None) -> None:
+                 num_classes: int = 2, in_channels: int = 1, augmentation: bool | dict[str, Any] | None = None,
+                 split_file: str | None = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, num_classes=num_classes,
                          in_channels=in_channels, augmentation=augmentation)
         if split_mode not in SPLIT_MODES:
             raise ValueError(f"unknown split_mode {split_mode!r}; expected one of {SPLIT_MODES}")
         self.split_mode, self.seed, self.fractions, self.fold = split_mode, seed, tuple(fractions), fold
+        self.split_file = split_file
         self.crop = None if crop is None else (int(crop[0]), int(crop[-1]))
         self._arrays: MultiRaterArrays | None = None
         self._splits: dict[str, np.ndarray] | None = None
@@ -235,15 +294,36 @@ class MultiRaterDataModule(ProbSegDataModule):
             self._arrays = arrays
         return self._arrays
 
+    def split_recipe(self) -> dict[str, Any]:
+        """How this module splits: what a saved split file must match."""
+        recipe: dict[str, Any] = {"split_mode": self.split_mode, "seed": self.seed, "fold": self.fold}
+        if self.split_mode != "paper":
+            recipe["fractions"] = list(self.fractions)
+        return recipe
+
+    def split_path(self) -> Path | None:
+        """The split file of this run: ``split_file``, else the attached trainer's run folder's."""
+        if self.split_file is not None:
+            return Path(self.split_file)
+        trainer = getattr(self, "trainer", None)
+        return Path(trainer.default_root_dir) / SPLIT_FILE if trainer is not None else None
+
     def split_indices(self) -> dict[str, np.ndarray]:
-        """Image indices of each split."""
+        """Image indices of each split (read from the run's split file when it exists)."""
         if self._splits is None:
             arrays = self.arrays
+            path = self.split_path()
+            if path is not None and path.is_file():
+                self._splits = read_split_file(path, arrays.ids, self.split_recipe())
+                return self._splits
             if self.split_mode == "given" and arrays.splits:
                 self._splits = {s: np.asarray(arrays.splits.get(s, []), dtype=np.int64) for s in SPLITS}
             else:
                 mode = "random" if self.split_mode == "given" else self.split_mode
                 self._splits = split_by_patient(arrays.patients, mode, self.seed, self.fractions, self.fold)
+            trainer = getattr(self, "trainer", None)
+            if path is not None and (trainer is None or trainer.is_global_zero):
+                write_split_file(path, arrays.ids, self._splits, self.split_recipe())
         return self._splits
 
     def make_dataset(self, split: str) -> ArrayDataset:
@@ -275,9 +355,9 @@ class ArrayDataModule(MultiRaterDataModule):
     def __init__(self, path: str, split_mode: str = "given", seed: int = 0,
                  fractions: Sequence[float] = (0.7, 0.1, 0.2), fold: int = 0, crop: Sequence[int] | None = None,
                  batch_size: int = 16, num_workers: int = 0, num_classes: int = 2, in_channels: int = 1,
-                 augmentation: bool | dict[str, Any] | None = None) -> None:
+                 augmentation: bool | dict[str, Any] | None = None, split_file: str | None = None) -> None:
         super().__init__(split_mode, seed, fractions, fold, crop, batch_size, num_workers, num_classes, in_channels,
-                         augmentation)
+                         augmentation, split_file)
         self.save_hyperparameters()
         self.path = path
 

@@ -260,13 +260,13 @@ class LIDCDataModule(MultiRaterDataModule):
     def __init__(self, root: str, format: str = "npz", allow_pickle: bool = False, split_mode: str = "given",
                  seed: int = 0, fractions: Sequence[float] = (0.7, 0.1, 0.2), fold: int = 0,
                  crop: Sequence[int] | None = None, batch_size: int = 32, num_workers: int = 0,
-                 augmentation: bool | dict[str, Any] | None = None) -> None:
+                 augmentation: bool | dict[str, Any] | None = None, split_file: str | None = None) -> None:
         if format not in FORMATS:
             raise ValueError(f"unknown LIDC format {format!r}; expected one of {FORMATS}")
         if crop is None and format == "png":
             crop = (128, 128)
         super().__init__(split_mode, seed, fractions, fold, crop, batch_size, num_workers, num_classes=2, in_channels=1,
-                         augmentation=augmentation)
+                         augmentation=augmentation, split_file=split_file)
         self.save_hyperparameters()
         self.root, self.format, self.allow_pickle = root, format, allow_pickle
 

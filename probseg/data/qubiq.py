@@ -116,6 +116,8 @@ class QUBIQDataModule(MultiRaterDataModule):
         batch_size: images per batch.
         num_workers: data-loader worker processes.
         augmentation: training augmentation (see :class:`~probseg.data.base.ProbSegDataModule`).
+        split_file: the JSON file of the split's image ids (default: ``splits.json`` in the run
+            folder; see :mod:`probseg.data.arrays`).
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class QUBIQDataModule(MultiRaterDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         augmentation: bool | dict[str, Any] | None = None,
+        split_file: str | None = None,
     ) -> None:
         if dataset not in DATASETS:
             raise ValueError(f"unknown QUBIQ dataset {dataset!r}; expected one of {sorted(DATASETS)}")
@@ -142,7 +145,7 @@ class QUBIQDataModule(MultiRaterDataModule):
             raise ValueError(f"image_size must be positive, got {image_size}")
         super().__init__(split_mode=split_mode, seed=seed, fractions=fractions, fold=fold, crop=None,
                          batch_size=batch_size, num_workers=num_workers, num_classes=2,
-                         in_channels=spec.in_channels, augmentation=augmentation)
+                         in_channels=spec.in_channels, augmentation=augmentation, split_file=split_file)
         self.save_hyperparameters()
         self.root, self.qubiq_dataset, self.task = Path(root), dataset, task
         self.dataset_name = f"qubiq-{dataset}-task{task}"  # the label of results tables

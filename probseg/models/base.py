@@ -97,7 +97,8 @@ class ProbSegModel(pl.LightningModule):
             return super().__getattr__(name)
         except AttributeError:
             # Release 0.1 kept the network's parts and methods on the model (model.unet, model.logits).
-            network = self._modules.get("network")
+            modules = self.__dict__.get("_modules") or {}  # (not yet set while __init__ runs)
+            network = modules.get("network")
             if network is None or name.startswith("_") or not hasattr(network, name):
                 raise
             warnings.warn(f"model.{name} moved to model.network.{name} in release 0.2", DeprecationWarning,
