@@ -46,7 +46,7 @@ RESCALING = {"CE: sum over pixels (eq. 19)", "CE: binarized (Table 1's scale)"}
 """Readings that change the CE's unit, not the comparison: left out of the largest change."""
 
 
-def train(name: str, data: str, steps: int, seed: int) -> Any:
+def train(name: str, data: str, steps: int, seed: int, root: Path) -> Any:
     import lightning.pytorch as pl
 
     from probseg.data import ArrayDataModule
@@ -57,6 +57,7 @@ def train(name: str, data: str, steps: int, seed: int) -> Any:
     model = MODELS[name](**args)
     dm = ArrayDataModule(data, split_mode="random", seed=0, batch_size=16)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         default_root_dir=str(root),
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          num_sanity_val_steps=0, gradient_clip_val=1.0)
     trainer.fit(model, datamodule=dm)
@@ -114,7 +115,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     saved: dict[str, np.ndarray] = {}
     for name in ("punet", "csae"):
-        model, test = train(name, args.data, args.steps, args.seed)
+        model, test = train(name, args.data, args.steps, args.seed, out / name)
         n = min(args.images, len(test))
         draws = hypotheses(model, test, 100, n)
         saved[f"{name}_probs"], saved[f"{name}_sigma"] = draws["probs"], draws["sigma"]

@@ -94,6 +94,7 @@ def run_one(job: tuple[str, str, int, int, str, str, int]) -> dict[str, Any]:
     root = Path(out) / dataset / variant.replace(":", "_") / f"seed{seed}"
     logger = CSVLogger(str(root), name="logs")
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
+                         default_root_dir=str(root),
                          enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10,
                          limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0,
                          callbacks=[GiniCallback(every_n_steps=max(1, steps // 20))])

@@ -188,7 +188,8 @@ def read_split_file(path: str | os.PathLike, ids: Sequence[str], recipe: dict[st
     for split in SPLITS:
         unknown = [image for image in content[split] if image not in position]
         if unknown:
-            raise ValueError(f"{path}: the {split} split names images the data does not hold, e.g. {unknown[:3]}")
+            raise ValueError(f"{path}: the {split} split names images the data does not hold, e.g. {unknown[:3]} "
+                             "(written for other data? use another run folder or split_file)")
         twice = seen.intersection(content[split])
         if twice:
             raise ValueError(f"{path}: images in two splits, e.g. {sorted(twice)[:3]}")
