@@ -368,6 +368,13 @@ def test_sample_weight_errors(weight, match) -> None:
         matched_cost(torch.rand(1, 4, 2), sample_weight=weight)
 
 
+def test_sample_weight_error_names_the_image() -> None:
+    weight = torch.ones(3, 4)
+    weight[2, 1] = -0.5
+    with pytest.raises(ValueError, match=r"image 2 has \[1.0, -0.5, 1.0, 1.0\]"):
+        matched_cost(torch.rand(3, 4, 2), sample_weight=weight)
+
+
 # ----------------------------------------------------------------------------- matching conventions
 
 

@@ -100,8 +100,11 @@ def sample_weights(sample_weight: torch.Tensor | None, shape: tuple[int, int] | 
         raise ValueError(f"{name} must have shape (B, S) = {tuple(shape)}, got {tuple(sample_weight.shape)}")
     weight = sample_weight.to(dtype or (sample_weight.dtype if sample_weight.is_floating_point() else torch.float64))
     total = weight.sum(dim=1, keepdim=True)
-    if not bool(((weight >= 0) & torch.isfinite(weight)).all() & (total > 0).all()):
-        raise ValueError(f"{name} must be finite and non-negative with a positive sum per image")
+    good = ((weight >= 0) & torch.isfinite(weight)).all(dim=1) & (total[:, 0] > 0)
+    if not bool(good.all()):
+        b = int((~good).nonzero()[0, 0])
+        raise ValueError(f"{name} must be finite and non-negative with a positive sum per image; image {b} has "
+                         f"{weight[b].tolist()}")
     return weight / total
 
 
