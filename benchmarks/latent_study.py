@@ -151,22 +151,17 @@ def oracle_row(dm: Any, num_samples: int) -> dict[str, float]:
             "lobe_ratio": float(np.abs(q - p).mean() / np.abs((p > 0.5) - p).mean())}
 
 
-def run_one(job: tuple[str, str, int, int, str, str, int]) -> dict[str, Any]:
-    """Train one variant for ``steps`` optimizer steps and evaluate it; one thread."""
-    dataset, variant, seed, steps, lidc, out, num_samples = job
-    torch.set_num_threads(1)
+def train_and_evaluate(model: Any, dataset: str, lidc: str, root: Path, steps: int, num_samples: int
+                       ) -> tuple[dict[str, Any], Any, Path]:
+    """Train ``model`` for ``steps`` optimizer steps (batch 16, CSV log and run folder under
+    ``root``, the Gini logged 20 times), then evaluate it on the test split with ``num_samples``
+    hypotheses. Returns (evaluation values with ``wall_s``, the data module, the CSV log)."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
 
-    import probseg  # noqa: F401  (registers the models)
     from probseg.callbacks import GiniCallback
-    from probseg.models import MODELS
 
-    pl.seed_everything(seed, verbose=False)
-    name, args = model_args(dataset, variant, steps)
-    model = MODELS[name](**args)
     dm = data_module(dataset, lidc)
-    root = Path(out) / dataset / variant / f"seed{seed}"
     logger = CSVLogger(str(root), name="logs")
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
                          default_root_dir=str(root),
@@ -178,9 +173,24 @@ def run_one(job: tuple[str, str, int, int, str, str, int]) -> dict[str, Any]:
     wall = time.perf_counter() - start
     model.eval()
     dm.setup("test")
-    row: dict[str, Any] = {"dataset": dataset, "variant": variant, "seed": seed, "steps": steps,
-                           **evaluate(model, dm, num_samples), "wall_s": wall}
-    row.update(training_curve(Path(logger.log_dir) / "metrics.csv"))
+    return {**evaluate(model, dm, num_samples), "wall_s": wall}, dm, Path(logger.log_dir) / "metrics.csv"
+
+
+def run_one(job: tuple[str, str, int, int, str, str, int]) -> dict[str, Any]:
+    """Train one variant for ``steps`` optimizer steps and evaluate it; one thread."""
+    dataset, variant, seed, steps, lidc, out, num_samples = job
+    torch.set_num_threads(1)
+    import lightning.pytorch as pl
+
+    from probseg.models import MODELS
+
+    pl.seed_everything(seed, verbose=False)
+    name, args = model_args(dataset, variant, steps)
+    model = MODELS[name](**args)
+    values, _, log = train_and_evaluate(model, dataset, lidc, Path(out) / dataset / variant / f"seed{seed}", steps,
+                                        num_samples)
+    row: dict[str, Any] = {"dataset": dataset, "variant": variant, "seed": seed, "steps": steps, **values}
+    row.update(training_curve(log))
     return row
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +35,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latent_study import (
     data_module,
-    evaluate,
     oracle_row,
     run_jobs,
     summary_table,
+    train_and_evaluate,
     training_curve,
 )
 from sampling import sampling_ratio
@@ -82,29 +81,15 @@ def run_one(job: tuple[str, str, int, int, str, str, int]) -> dict[str, Any]:
     name, overrides = parse_variant(variant)
     torch.set_num_threads(1)
     import lightning.pytorch as pl
-    from lightning.pytorch.loggers import CSVLogger
 
-    from probseg.callbacks import GiniCallback
     from probseg.metrics.functional import gini_index
     from probseg.models import MODELS
 
     pl.seed_everything(seed, verbose=False)
     model = MODELS[name](**model_args(name, steps, overrides))
-    dm = data_module(dataset, lidc)
     root = Path(out) / dataset / variant.replace(":", "_") / f"seed{seed}"
-    logger = CSVLogger(str(root), name="logs")
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
-                         default_root_dir=str(root),
-                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10,
-                         limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0,
-                         callbacks=[GiniCallback(every_n_steps=max(1, steps // 20))])
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
-    wall = time.perf_counter() - start
-    model.eval()
-    dm.setup("test")
-    row: dict[str, Any] = {"dataset": dataset, "model": variant, "seed": seed, "steps": steps,
-                           **evaluate(model, dm, num_samples), "wall_s": wall}
+    values, dm, log = train_and_evaluate(model, dataset, lidc, root, steps, num_samples)
+    row: dict[str, Any] = {"dataset": dataset, "model": variant, "seed": seed, "steps": steps, **values}
     test = dm.dataset("test")
     images = torch.stack([test[i]["image"] for i in range(min(8, len(test)))])
     row["sampling_ratio"] = sampling_ratio(model, images, 16, rounds=7)[1]
@@ -112,7 +97,7 @@ def run_one(job: tuple[str, str, int, int, str, str, int]) -> dict[str, Any]:
         per_level = model.network.prior_sigmas_per_level(images)
     if per_level:
         row["gini_levels"] = " ".join(f"{float(gini_index(s.double()).mean()):.3f}" for s in per_level.values())
-    row.update(training_curve(Path(logger.log_dir) / "metrics.csv"))
+    row.update(training_curve(log))
     return row
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
+import sys
 import traceback
 from pathlib import Path
 
@@ -85,3 +87,13 @@ class HostReads(TorchFunctionMode):
             caller = traceback.extract_stack(limit=2)[0]
             self.reads.append(f"{func.__name__} at {Path(caller.filename).name}:{caller.lineno}")
         return func(*args, **(kwargs or {}))
+
+
+def load_script(path: Path):
+    """Import a benchmark script as a module (its folder on sys.path, for its sibling imports)."""
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -43,12 +43,10 @@ from torch import nn
 
 from probseg.layers.blocks import conv_block
 from probseg.layers.gaussian import Generators
-from probseg.layers.hierarchical import HierarchicalLatents, per_image_generators
-from probseg.layers.unet import check_image
 from probseg.models.base import ProbSegModel
-from probseg.models.network import Network, NetworkOutput
+from probseg.models.network import NetworkOutput
 from probseg.models.objectives import HierarchicalKL, LossTerms, Objective, StepContext
-from probseg.models.phiseg import PHiSegNetwork, mask_channels
+from probseg.models.phiseg import HierarchicalNetwork
 from probseg.models.registry import register_model
 
 
@@ -179,7 +177,7 @@ class GECO(Objective):
         return LossTerms({"rec_topk": term}, {"geco_lambda": used, "geco_constraint": per_pixel})
 
 
-class HPUNetNetwork(Network):
+class HPUNetNetwork(HierarchicalNetwork):
     """The HPU-Net's prior U-Net (with its latent levels and the rest of its decoder) and its
     posterior.
 
@@ -188,13 +186,9 @@ class HPUNetNetwork(Network):
 
     def __init__(self, in_channels: int, num_classes: int, num_filters: list[int], convs_per_block: int,
                  latent_levels: int, latent_dim: int) -> None:
-        super().__init__()
+        super().__init__(in_channels, num_classes, num_filters, convs_per_block, latent_levels, latent_dim,
+                         carry_state=True, sigma_activation="exp")
         num_filters = list(num_filters)
-        self.in_channels, self.num_classes = in_channels, num_classes
-        self.prior = HierarchicalLatents(in_channels, num_filters, convs_per_block, latent_levels, latent_dim,
-                                         carry_state=True, sigma_activation="exp")
-        self.posterior = HierarchicalLatents(in_channels + num_classes, num_filters, convs_per_block, latent_levels,
-                                             latent_dim, carry_state=True, sigma_activation="exp")
         finest = len(num_filters) - latent_levels  # resolution of the finest latent level
         channels = latent_dim + num_filters[finest]
         self.up = nn.ModuleList()
@@ -202,7 +196,6 @@ class HPUNetNetwork(Network):
             self.up.append(conv_block(num_filters[r] + channels, num_filters[r], convs_per_block))
             channels = num_filters[r]
         self.head = nn.Conv2d(channels, num_classes, 1)
-        self.downsampling = 2 ** (len(num_filters) - 1)
 
     def decode(self, latent: torch.Tensor, state: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         """The decoder below the finest latent level: [z, state] up to full resolution -> logits."""
@@ -216,25 +209,15 @@ class HPUNetNetwork(Network):
     def forward(self, batch: dict[str, Any], target: torch.Tensor,
                 generator: torch.Generator | None = None) -> NetworkOutput:
         images = batch["image"]
-        check_image(images, self.in_channels, self.downsampling)
-        mask = mask_channels(target, self.num_classes, images.dtype)
-        posteriors, z_q, _ = self.posterior(torch.cat([images, mask], dim=1), generator=generator)
+        posteriors, z_q = self.posterior_draws(images, target, generator)
         skips = self.prior.down(images)
         priors, _, state = self.prior(images, given=z_q, skips=skips)
         return {"logits": self.decode(z_q[-1], state, skips), "posteriors": posteriors, "priors": priors}
 
     def sample(self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None) -> torch.Tensor:
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
-        check_image(images, self.in_channels, self.downsampling)
-        b = images.shape[0]
-        skips = [f.repeat_interleave(num_samples, dim=0) for f in self.prior.down(images)]  # encode once
-        _, z_p, state = self.prior(images, skips=skips, generator=per_image_generators(generator, num_samples, b))
+        z_p, state, skips = self.prior_draws(images, num_samples, generator)
         logits = self.decode(z_p[-1], state, skips)
-        return logits.view(b, num_samples, *logits.shape[1:])
-
-    prior_sigmas_per_level = PHiSegNetwork.prior_sigmas_per_level
-    prior_sigmas = PHiSegNetwork.prior_sigmas
+        return logits.view(images.shape[0], num_samples, *logits.shape[1:])
 
 
 @register_model("hpunet")

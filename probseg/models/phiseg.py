@@ -110,7 +110,71 @@ class PHiSegLikelihood(nn.Module):
         return logits
 
 
-class PHiSegNetwork(Network):
+class HierarchicalNetwork(Network):
+    """What PHiSeg and the HPU-Net share: a prior and a posterior of hierarchical latents
+    (:class:`~probseg.layers.hierarchical.HierarchicalLatents`), the input check, the posterior's
+    draws for a target, S prior draws per image with the image encoded once, and the Gini's sigmas.
+
+    Args:
+        in_channels, num_classes, num_filters, convs_per_block, latent_levels, latent_dim: as in
+            :class:`PHiSeg`.
+        carry_state, sigma_activation: as in :class:`~probseg.layers.hierarchical.HierarchicalLatents`.
+    """
+
+    posterior_shift = 0.0
+    """Subtracted from the one-hot target the posterior sees (PHiSeg's code: 0.5)."""
+
+    def __init__(self, in_channels: int, num_classes: int, num_filters: list[int], convs_per_block: int,
+                 latent_levels: int, latent_dim: int, carry_state: bool, sigma_activation: str) -> None:
+        super().__init__()
+        num_filters = list(num_filters)
+        self.in_channels, self.num_classes = in_channels, num_classes
+        self.prior = HierarchicalLatents(in_channels, num_filters, convs_per_block, latent_levels, latent_dim,
+                                         carry_state, sigma_activation)
+        self.posterior = HierarchicalLatents(in_channels + num_classes, num_filters, convs_per_block, latent_levels,
+                                             latent_dim, carry_state, sigma_activation)
+        self.downsampling = 2 ** (len(num_filters) - 1)
+
+    def check(self, images: torch.Tensor) -> None:
+        check_image(images, self.in_channels, self.downsampling)
+
+    def posterior_draws(self, images: torch.Tensor, target: torch.Tensor, generator: Generators = None
+                        ) -> tuple[list, list[torch.Tensor]]:
+        """(posteriors, their draws), per level coarse to fine, for the fused training target."""
+        self.check(images)
+        mask = mask_channels(target, self.num_classes, images.dtype, self.posterior_shift)
+        posteriors, z_q, _ = self.posterior(torch.cat([images, mask], dim=1), generator=generator)
+        return posteriors, z_q
+
+    def prior_draws(self, images: torch.Tensor, num_samples: int, generator: Generators = None, tile_from: int = 0
+                    ) -> tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor | None]]:
+        """S ancestral prior draws per image (rows image-major, B S), the image encoded once.
+
+        Returns the latents (coarse to fine), the decoder state and the encoder features repeated
+        S times per image from level ``tile_from`` on (finer levels a caller does not read are
+        None, not copied).
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        self.check(images)
+        features = self.prior.down(images)
+        skips = [None if r < tile_from else f.repeat_interleave(num_samples, dim=0) for r, f in enumerate(features)]
+        generators = per_image_generators(generator, num_samples, images.shape[0])
+        _, z_p, state = self.prior(images, skips=skips, generator=generators)
+        return z_p, state, skips
+
+    def prior_sigmas_per_level(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"level<l>": (B, d h w)} prior sigmas, l = 0 the finest, each level conditioned on the
+        means of the levels above."""
+        sigmas = self.prior.sigmas(images)
+        return {f"level{l}": sigma for l, sigma in enumerate(sigmas[::-1])}
+
+    def prior_sigmas(self, images: torch.Tensor) -> torch.Tensor:
+        """Every level's prior sigmas side by side, (B, sum_l d h_l w_l): the whole model's."""
+        return torch.cat(self.prior.sigmas(images), dim=1)
+
+
+class PHiSegNetwork(HierarchicalNetwork):
     """PHiSeg's prior, posterior and likelihood.
 
     Args:
@@ -126,25 +190,14 @@ class PHiSegNetwork(Network):
 
     def __init__(self, in_channels: int, num_classes: int, num_filters: list[int], convs_per_block: int,
                  latent_levels: int, latent_dim: int) -> None:
-        super().__init__()
-        num_filters = list(num_filters)
-        self.in_channels, self.num_classes = in_channels, num_classes
-        self.prior = HierarchicalLatents(in_channels, num_filters, convs_per_block, latent_levels, latent_dim,
-                                         carry_state=False, sigma_activation="softplus")
-        self.posterior = HierarchicalLatents(in_channels + num_classes, num_filters, convs_per_block, latent_levels,
-                                             latent_dim, carry_state=False, sigma_activation="softplus")
-        self.likelihood = PHiSegLikelihood(num_classes, num_filters, latent_levels, latent_dim, convs_per_block)
-        self.downsampling = 2 ** (len(num_filters) - 1)
-
-    def _check(self, images: torch.Tensor) -> None:
-        check_image(images, self.in_channels, self.downsampling)
+        super().__init__(in_channels, num_classes, num_filters, convs_per_block, latent_levels, latent_dim,
+                         carry_state=False, sigma_activation="softplus")
+        self.likelihood = PHiSegLikelihood(num_classes, list(num_filters), latent_levels, latent_dim, convs_per_block)
 
     def forward(self, batch: dict[str, Any], target: torch.Tensor,
                 generator: torch.Generator | None = None) -> NetworkOutput:
         images = batch["image"]
-        self._check(images)
-        mask = mask_channels(target, self.num_classes, images.dtype, self.posterior_shift)
-        posteriors, z_q, _ = self.posterior(torch.cat([images, mask], dim=1), generator=generator)
+        posteriors, z_q = self.posterior_draws(images, target, generator)
         priors, _, _ = self.prior(images, given=z_q)
         residuals = self.likelihood(z_q, images.shape[-2:])
         accumulated = list(torch.stack(residuals).cumsum(0).unbind())  # coarse to fine: y_hat_{L-1} ... y_hat_0
@@ -152,24 +205,10 @@ class PHiSegNetwork(Network):
                 "priors": priors}
 
     def sample(self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None) -> torch.Tensor:
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
-        self._check(images)
-        b = images.shape[0]
-        skips = [f.repeat_interleave(num_samples, dim=0) for f in self.prior.down(images)]  # encode once
-        _, z_p, _ = self.prior(images, skips=skips, generator=per_image_generators(generator, num_samples, b))
+        # the likelihood reads the latents only: the encoder's finer levels are not repeated
+        z_p, _, _ = self.prior_draws(images, num_samples, generator, tile_from=self.prior.resolutions[-1])
         logits = torch.stack(self.likelihood(z_p, images.shape[-2:])).sum(0)
-        return logits.view(b, num_samples, *logits.shape[1:])
-
-    def prior_sigmas_per_level(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"level<l>": (B, d h w)} prior sigmas, l = 0 the finest, each level conditioned on the
-        means of the levels above."""
-        sigmas = self.prior.sigmas(images)
-        return {f"level{l}": sigma for l, sigma in enumerate(sigmas[::-1])}
-
-    def prior_sigmas(self, images: torch.Tensor) -> torch.Tensor:
-        """Every level's prior sigmas side by side, (B, sum_l d h_l w_l): the whole model's."""
-        return torch.cat(self.prior.sigmas(images), dim=1)
+        return logits.view(images.shape[0], num_samples, *logits.shape[1:])
 
 
 class DeepSupervision(Objective):
