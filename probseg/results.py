@@ -31,6 +31,15 @@ every rater's mask is empty score perfectly (GED 0, matched cost 0) and pull the
 down; the "all" rows report their share as ``all_empty_fraction``."""
 
 
+def conventions_label(self_pairs: bool = True, matching: str = "lcm", ce_reading: str = "mean",
+                      gini_of: str = "sigma", hausdorff_empty: str = "diagonal") -> str:
+    """The evaluation conventions of a results row in one cell (``conventions`` column), e.g.
+    ``"ged self-pairs; matching lcm; ce mean; gini sigma; hausdorff-empty diagonal"``."""
+    pairs = "self-pairs" if self_pairs else "distinct pairs"
+    return (f"ged {pairs}; matching {matching}; ce {ce_reading}; gini {gini_of}; "
+            f"hausdorff-empty {hausdorff_empty}")
+
+
 def subset_mask(raters_marking: torch.Tensor, subset: str) -> torch.Tensor:
     """(N,) bool: the images of ``subset`` from each image's fraction of raters that mark a
     structure (:class:`probseg.metrics.hypotheses.RaterCoverage`)."""
@@ -58,12 +67,18 @@ def subset_rows(common: dict, values: dict[str, torch.Tensor], raters_marking: t
 
 
 def summarize(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per-image values -> ``{name}_mean`` and ``{name}_std`` (sample std; NaN for one image)."""
+    """Per-image values -> ``{name}_mean`` and ``{name}_std`` (sample std; NaN for one image).
+
+    NaN values (undefined for that image, e.g. ``hausdorff_empty="nan"``) are left out of both,
+    and ``{name}_undefined`` counts them (only present when some are)."""
     out: dict[str, float] = {}
     for name, v in values.items():
         v = v.double()
-        out[f"{name}_mean"] = v.mean().item() if v.numel() else math.nan
-        out[f"{name}_std"] = v.std().item() if v.numel() > 1 else math.nan
+        defined = v[~torch.isnan(v)]
+        out[f"{name}_mean"] = defined.mean().item() if defined.numel() else math.nan
+        out[f"{name}_std"] = defined.std().item() if defined.numel() > 1 else math.nan
+        if defined.numel() < v.numel():
+            out[f"{name}_undefined"] = v.numel() - defined.numel()
     return out
 
 
@@ -113,8 +128,10 @@ def write_results(directory: str | os.PathLike, rows: Sequence[dict], per_image:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     metrics = _metric_names(rows)
-    fields = ["model", "dataset", "source", "subset", "num_images", "num_samples", "all_empty_fraction"]
+    fields = ["model", "dataset", "source", "subset", "num_images", "num_samples", "all_empty_fraction",
+              "conventions"]
     fields += [f"{m}_{stat}" for m in metrics for stat in ("mean", "std")]
+    fields += [f"{m}_undefined" for m in metrics if any(f"{m}_undefined" in row for row in rows)]
     csv_path = directory / RESULTS_FILE
     with csv_path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
@@ -144,7 +161,8 @@ def read_results(path: str | os.PathLike) -> list[dict]:
         raise ValueError(f"{path} is not a probseg results file (no 'model' column)")
     for row in rows:
         for key, value in row.items():
-            if key.endswith(("_mean", "_std")) or key in ("num_images", "num_samples", "all_empty_fraction"):
+            if key.endswith(("_mean", "_std", "_undefined")) or key in ("num_images", "num_samples",
+                                                                          "all_empty_fraction"):
                 row[key] = float(value) if value not in ("", None) else math.nan
                 if key in ("num_images", "num_samples") and not math.isnan(row[key]):
                     row[key] = int(row[key])

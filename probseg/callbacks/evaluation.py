@@ -17,8 +17,8 @@ from lightning.pytorch.callbacks import Callback
 
 from probseg.metrics import HypothesisMetrics, MeanPredictionMetrics, RaterCoverage
 from probseg.metrics.base import NO_INDEX
-from probseg.metrics.functional import CE_READINGS, GINI_OF, KERNELS, MATCHINGS, check_kernels
-from probseg.results import SUBSETS, subset_rows, summarize, write_results
+from probseg.metrics.functional import CE_READINGS, GINI_OF, KERNELS, MATCHINGS, check_hausdorff_empty, check_kernels
+from probseg.results import SUBSETS, conventions_label, subset_rows, summarize, write_results
 
 
 def per_image_generators(index: torch.Tensor, seed: int, device: torch.device) -> list[torch.Generator]:
@@ -103,6 +103,9 @@ class EvaluationCallback(Callback):
         gini_of: the Gini index of the prior's "sigma" (default) or "variance".
         ce_reading: the "ce" kernel's reading: "mean" (default), "sum" or "binarized" (see
             :data:`probseg.metrics.functional.CE_READINGS`).
+        hausdorff_empty: the Hausdorff distance between a mask and an empty one: "diagonal"
+            (default), "max_distance" or "nan" (see
+            :data:`probseg.metrics.functional.HAUSDORFF_EMPTY`).
         results_dir: folder of the test results (default ``{default_root_dir}/results``).
         teacher: evaluate a distillation student's teacher at test (when its checkpoint is
             found; a missing one is reported with a warning and its rows are left out).
@@ -125,6 +128,7 @@ class EvaluationCallback(Callback):
         matching: str = "lcm",
         gini_of: str = "sigma",
         ce_reading: str = "mean",
+        hausdorff_empty: str = "diagonal",
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -138,6 +142,7 @@ class EvaluationCallback(Callback):
         if ce_reading not in CE_READINGS:
             raise ValueError(f"ce_reading must be one of {CE_READINGS}, got {ce_reading!r}")
         self.matching, self.gini_of, self.ce_reading = matching, gini_of, ce_reading
+        self.hausdorff_empty = check_hausdorff_empty(hausdorff_empty)
         self.num_samples = num_samples
         self.kernels = tuple(kernels)
         self.oracle = oracle
@@ -152,6 +157,10 @@ class EvaluationCallback(Callback):
         self._coverage: dict[str, RaterCoverage] = {}  # per stage: which raters mark a structure
         self._oracle_split: dict[str, Any] = {}
         self.last_results: list[dict] = []  # rows of the last test's results table
+
+    def conventions(self) -> str:
+        """The evaluation conventions of the results, as written in their ``conventions`` column."""
+        return conventions_label(self.self_pairs, self.matching, self.ce_reading, self.gini_of, self.hausdorff_empty)
 
     # --- hooks -------------------------------------------------------------------------------
 
@@ -219,7 +228,7 @@ class EvaluationCallback(Callback):
             self._metrics[key] = HypothesisMetrics(
                 num_classes=pl_module.num_classes, kernels=self.kernels, gini=gini,
                 num_bins=self.num_bins, self_pairs=self.self_pairs, matching=self.matching,
-                gini_of=self.gini_of, ce_reading=self.ce_reading,
+                gini_of=self.gini_of, ce_reading=self.ce_reading, hausdorff_empty=self.hausdorff_empty,
             ).to(pl_module.device)
         return self._metrics[key]
 
@@ -296,7 +305,7 @@ class EvaluationCallback(Callback):
             model += "+kd"  # a distilled student is its own row next to the same model without a teacher
         own_data = evaluated_split(trainer, "test") is not None
         common = {"model": model, "dataset": dataset_name(trainer.datamodule) if own_data else "",
-                  "num_samples": self.num_samples}
+                  "num_samples": self.num_samples, "conventions": self.conventions()}
         rows, table = [], {}
         marking = {}
         if coverage is not None:

@@ -89,11 +89,12 @@ class PerImageMetric(Metric):
         return values, index
 
     def compute(self) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Mean over images of each value (a tensor for a single value, else a dict); NaN when no
-        image was seen."""
+        """Mean over images of each value (a tensor for a single value, else a dict); images whose
+        value is NaN (undefined, e.g. a Hausdorff distance to an empty mask under
+        ``hausdorff_empty="nan"``) are left out; NaN when no image has a value."""
         values, _ = self._gathered()
         means = {
-            name: v.mean() if v.numel() else torch.tensor(float("nan"), dtype=accumulation_dtype(self.device), device=self.device)
+            name: v.nanmean() if v.numel() else torch.tensor(float("nan"), dtype=accumulation_dtype(self.device), device=self.device)
             for name, v in values.items()
         }
         return means[self.value_names[0]] if len(means) == 1 else means

@@ -108,6 +108,9 @@ class HypothesisMetrics(PerImageMetric):
             :mod:`probseg.metrics.functional.gini`).
         ce_reading: the "ce" kernel's reading, one of
             :data:`probseg.metrics.functional.CE_READINGS` (default "mean").
+        hausdorff_empty: the Hausdorff distance between a mask and an empty one, one of
+            :data:`probseg.metrics.functional.HAUSDORFF_EMPTY` (default "diagonal"; "nan" stores
+            NaN for the image, which the means over images leave out).
         **kwargs: torchmetrics ``Metric`` options.
     """
 
@@ -124,9 +127,11 @@ class HypothesisMetrics(PerImageMetric):
         matching: str = "lcm",
         gini_of: str = "sigma",
         ce_reading: str = "mean",
+        hausdorff_empty: str = "diagonal",
         **kwargs: Any,
     ) -> None:
         F.check_kernels(kernels)
+        F.check_hausdorff_empty(hausdorff_empty)
         if ce_reading not in F.CE_READINGS:
             raise ValueError(f"ce_reading must be one of {F.CE_READINGS}, got {ce_reading!r}")
         F.singular_values(torch.ones(1, 1), gini_of)  # checks the name
@@ -139,17 +144,17 @@ class HypothesisMetrics(PerImageMetric):
         self.num_classes = num_classes
         self.kernels = tuple(k for k in F.KERNELS if k in kernels)
         self.num_bins, self.self_pairs, self.eps, self.matching = num_bins, self_pairs, eps, matching
-        self.gini_of, self.ce_reading = gini_of, ce_reading
+        self.gini_of, self.ce_reading, self.hausdorff_empty = gini_of, ce_reading, hausdorff_empty
 
     def _costs(self, probs: torch.Tensor, labels: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """{kernel: (B, S, R)} for the kernels stored plus "iou" (GED needs it)."""
         kernels = tuple(k for k in F.KERNELS if k in self.kernels or k == "iou")
         if self.num_classes == 2:
             return F.pairwise_costs(labels == 1, target == 1, kernels, probs=probs[:, :, 1], eps=self.eps,
-                                    ce_reading=self.ce_reading)
+                                    ce_reading=self.ce_reading, hausdorff_empty=self.hausdorff_empty)
         return {
             k: F.per_class_pairwise_cost(probs if k == "ce" else labels, target, self.num_classes, k, eps=self.eps,
-                                         ce_reading=self.ce_reading)
+                                         ce_reading=self.ce_reading, hausdorff_empty=self.hausdorff_empty)
             for k in kernels
         }
 

@@ -78,6 +78,8 @@ def test_results_table_matches_the_logged_test_metrics(trained: Path) -> None:
     rows = [r for r in read_results(trained / "run/results/test_results.csv") if r["subset"] == "all"]
     assert [(r["model"], r["dataset"], r["source"], r["num_images"], r["num_samples"]) for r in rows] == [
         ("punet", "synthetic", "model", 8, 4), ("punet", "synthetic", "oracle", 8, 4)]
+    assert {r["conventions"] for r in rows} == {
+        "ged self-pairs; matching lcm; ce mean; gini sigma; hausdorff-empty diagonal"}
     (_, test_log) = sorted((trained / "run/logs").glob("version_*/metrics.csv"))
     logged = next(r for r in _rows(test_log) if r.get("test/hm_iou"))
     for name in METRIC_NAMES:

@@ -384,3 +384,33 @@ def test_hypothesis_metrics_ce_reading() -> None:
     torch.testing.assert_close(got, matched_cost(cost).to(got.dtype))
     with pytest.raises(ValueError, match="ce_reading must be one of"):
         HypothesisMetrics(ce_reading="pixel")
+
+
+def test_hypothesis_metrics_hausdorff_nan_rule_leaves_images_out_of_the_means() -> None:
+    """hausdorff_empty="nan": an image with a hypothesis or rater empty next to a non-empty one
+    stores NaN; compute() and the results summary average the other images and count the
+    undefined ones; the other metrics are unchanged."""
+    from probseg.results import summarize
+
+    probs, target = _hypotheses(2, seed=33)
+    probs[0, :, 1], probs[0, :, 0] = 0.0, 1.0  # image 0: every hypothesis empty
+    target[0, 0, 3:6, 3:6] = 1  # ... and a rater that marks something
+    target[1:] = 0
+    target[1:, :, 4:8, 4:8] = 1  # the other images: every rater marks the same square
+    probs[1:, :, 1] = 0.0
+    probs[1:, :, 1, 4:8, 4:8] = 1.0
+    probs[1:, :, 0] = 1 - probs[1:, :, 1]
+    nan_rule = HypothesisMetrics(num_classes=2, kernels=("hausdorff",), gini=False, hausdorff_empty="nan")
+    default = HypothesisMetrics(num_classes=2, kernels=("hausdorff",), gini=False)
+    for metric in (nan_rule, default):
+        metric.update(torch.as_tensor(probs), torch.as_tensor(target))
+    values = nan_rule.per_image()[0]
+    assert torch.isnan(values["hm_hausdorff"][0]) and not torch.isnan(values["hm_hausdorff"][1:]).any()
+    assert float(default.per_image()[0]["hm_hausdorff"][0]) > 0
+    torch.testing.assert_close(values["ged"], default.per_image()[0]["ged"])
+    assert float(nan_rule.compute()["hm_hausdorff"]) == pytest.approx(float(values["hm_hausdorff"][1:].mean()))
+    summary = summarize(values)
+    assert summary["hm_hausdorff_undefined"] == 1 and "ged_undefined" not in summary
+    assert summary["hm_hausdorff_mean"] == pytest.approx(float(values["hm_hausdorff"][1:].double().mean()))
+    with pytest.raises(ValueError, match="hausdorff_empty must be one of"):
+        HypothesisMetrics(hausdorff_empty="inf")

@@ -401,3 +401,66 @@ def test_ce_readings_sum_and_binarized_against_torch() -> None:
         assert got[i, j, k].item() == pytest.approx(ref.item(), rel=1e-6)
     with pytest.raises(ValueError, match="ce_reading must be one of"):
         pairwise_cost(p, target, "ce", ce_reading="pixel")
+
+
+# ----------------------------------------------------------------------------- Hausdorff to an empty mask
+
+
+def _ref_hausdorff_empty(a: np.ndarray, b: np.ndarray, rule: str) -> float:
+    """Hausdorff distance with exactly one empty mask, from the definitions, by brute force over
+    pixel coordinates: the diagonal, the distance to the image pixel farthest from the other mask,
+    or NaN."""
+    h, w = a.shape
+    if rule == "diagonal":
+        return math.hypot(h, w)
+    if rule == "nan":
+        return math.nan
+    mask = a if a.any() else b
+    pts = np.argwhere(mask).astype(float)
+    grid = np.argwhere(np.ones((h, w), dtype=bool)).astype(float)
+    return float(np.sqrt(((grid[:, None] - pts[None]) ** 2).sum(-1)).min(axis=1).max())
+
+
+@pytest.mark.parametrize("rule", ["diagonal", "max_distance", "nan"])
+@pytest.mark.parametrize("seed,h,w", [(0, 16, 16), (1, 12, 21)])
+def test_hausdorff_empty_rules_match_their_definitions(rule: str, seed: int, h: int, w: int) -> None:
+    """Pairs with exactly one empty mask follow ``hausdorff_empty`` on both computation paths;
+    every other pair keeps its exact distance (both empty: 0)."""
+    pred, target = _sets(seed, b=3, s=4, r=3, h=h, w=w)
+    pred[0, 1] = False
+    target[1, 2] = False
+    pred[2, :] = False  # an image whose hypotheses are all empty
+    p, t = torch.as_tensor(pred), torch.as_tensor(target)
+    paths = {
+        "public": pairwise_cost(p, t, "hausdorff", hausdorff_empty=rule).double().numpy(),
+        "torch": kernels_module._hausdorff_cost(p, t, foreground_windows(p, t), use_scipy=False,
+                                                empty_rule=rule).double().numpy(),
+    }
+    expect = ref_cost(pred, target, "hausdorff")
+    for i in range(3):
+        for j in range(4):
+            for k in range(3):
+                a, b = pred[i, j], target[i, k]
+                if a.any() != b.any():
+                    expect[i, j, k] = _ref_hausdorff_empty(a, b, rule)
+    for name, got in paths.items():
+        np.testing.assert_allclose(got, expect, atol=ATOL, rtol=1e-6, err_msg=name)  # NaN == NaN here
+
+
+def test_hausdorff_max_distance_is_between_the_exact_distances_and_the_diagonal() -> None:
+    """A mask in a corner is farther from the opposite corner than a central one; both are at
+    most the diagonal."""
+    h = w = 20
+    corner = np.zeros((1, 2, h, w), dtype=bool)
+    corner[0, 0, :2, :2] = True
+    corner[0, 1, 9:11, 9:11] = True
+    empty = np.zeros((1, 1, h, w), dtype=bool)
+    got = _cost(corner, empty, "hausdorff", hausdorff_empty="max_distance")[0, :, 0]
+    np.testing.assert_allclose(got, [math.hypot(18, 18), math.hypot(9, 9)], atol=ATOL)
+    assert (got <= math.hypot(h, w)).all()
+
+
+def test_hausdorff_empty_rule_is_checked() -> None:
+    m = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="hausdorff_empty must be one of"):
+        pairwise_cost(m, m, "hausdorff", hausdorff_empty="inf")

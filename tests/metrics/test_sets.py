@@ -112,8 +112,7 @@ def test_matched_cost_keeps_dtype() -> None:
     "cost,mask,match",
     [
         (torch.zeros(3, 2), None, "shape"),
-        (torch.tensor([[[float("nan")]]]), None, "NaN"),
-        (torch.tensor([[[float("inf")]]]), None, "NaN or Inf"),
+        (torch.tensor([[[float("inf")]]]), None, "Inf"),
         (torch.zeros(2, 3, 2), torch.ones(2, 3, dtype=torch.bool), "rater_mask"),
         (torch.zeros(2, 3, 2), torch.tensor([[True, False], [False, False]]), "at least one rater"),
     ],
@@ -121,6 +120,23 @@ def test_matched_cost_keeps_dtype() -> None:
 def test_matched_cost_errors(cost, mask, match) -> None:
     with pytest.raises(ValueError, match=match):
         matched_cost(cost, mask)
+
+
+@pytest.mark.parametrize("matching", ["lcm", "tile", "rectangular"])
+def test_matched_cost_is_nan_only_for_images_with_an_undefined_pair(matching: str) -> None:
+    """A NaN pair cost (Hausdorff to an empty mask under hausdorff_empty="nan") makes that
+    image's matched cost NaN; the other images keep their values; an absent rater's NaN is
+    ignored."""
+    torch.manual_seed(0)
+    cost = torch.rand(3, 4, 3, dtype=torch.float64)
+    expect = matched_cost(cost, matching=matching)
+    cost[1, 2, 0] = float("nan")
+    cost[2, 0, 2] = float("nan")
+    present = torch.tensor([[True, True, True], [True, True, True], [True, True, False]])
+    got = matched_cost(cost, present, matching=matching)
+    assert torch.isnan(got[1]) and not torch.isnan(got[[0, 2]]).any()
+    torch.testing.assert_close(got[0], expect[0])
+    torch.testing.assert_close(got[2], matched_cost(cost[2:, :, :2], matching=matching)[0])
 
 
 # ----------------------------------------------------------------------------- empirical Wasserstein

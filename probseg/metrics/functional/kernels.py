@@ -16,8 +16,9 @@ vectorized computation (no loop over pairs):
 Conventions (the same for every kernel unless stated):
 
 * both masks empty: cost 0 (for ``"ce"``: the target is empty and every probability is exactly 0);
-* exactly one mask empty: 1 for ``"iou"`` and ``"dice"``, the image diagonal sqrt(H^2 + W^2) for
-  ``"hausdorff"``; ``"ce"`` needs no convention (it is finite whenever one side is non-empty).
+* exactly one mask empty: 1 for ``"iou"`` and ``"dice"``; for ``"hausdorff"`` the option
+  ``hausdorff_empty`` (:data:`HAUSDORFF_EMPTY`; default the image diagonal sqrt(H^2 + W^2));
+  ``"ce"`` needs no convention (it is finite whenever one side is non-empty).
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ from probseg._ops import (
 KERNELS = ("iou", "dice", "hausdorff", "ce")
 """Names accepted by :func:`pairwise_cost`."""
 
+
+
+def check_hausdorff_empty(rule: str) -> str:
+    """``rule``, validated against :data:`HAUSDORFF_EMPTY`."""
+    if rule not in HAUSDORFF_EMPTY:
+        raise ValueError(f"hausdorff_empty must be one of {HAUSDORFF_EMPTY}, got {rule!r}")
+    return rule
 
 
 def check_kernels(kernels: Sequence[str]) -> tuple[str, ...]:
@@ -67,6 +75,20 @@ CE_READINGS = ("mean", "sum", "binarized")
   to 1 - IoU of 0.31 and 0.15) fits this reading, not the other two: a reading of the table,
   not a statement of the paper."""
 
+HAUSDORFF_EMPTY = ("diagonal", "max_distance", "nan")
+"""The Hausdorff distance between a mask and an empty mask (undefined: the distance from a point
+to the empty set is infinite). Codebases differ:
+
+* ``"diagonal"`` (default): the image diagonal sqrt(H^2 + W^2), the largest distance two pixels
+  of the image can have: a fixed, finite penalty, the same wherever the mask lies;
+* ``"max_distance"``: the Hausdorff distance between the non-empty mask and the whole image
+  grid, i.e. the distance from the mask to the image pixel farthest from it (at most the
+  diagonal): the penalty of an empty mask as if it could lie anywhere;
+* ``"nan"``: NaN, the pair has no distance. An image with such a pair gets a NaN matched cost
+  (:func:`~probseg.metrics.functional.sets.matched_cost`) and is left out of the means over images
+  (the results tables count the images left out), as codebases do that skip undefined
+  distances (MONAI-style metrics warn and return NaN/inf; medpy raises)."""
+
 BINARIZED_LOG_CLAMP = 100.0
 """-log 0 in torch's binary_cross_entropy (its log is clamped at -100)."""
 
@@ -75,7 +97,8 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 def pairwise_cost(
-    pred: torch.Tensor, target: torch.Tensor, kernel: str = "iou", *, eps: float = CE_EPS, ce_reading: str = "mean"
+    pred: torch.Tensor, target: torch.Tensor, kernel: str = "iou", *, eps: float = CE_EPS, ce_reading: str = "mean",
+    hausdorff_empty: str = "diagonal",
 ) -> torch.Tensor:
     """Cost of every (prediction, rater) pair of each image.
 
@@ -86,6 +109,7 @@ def pairwise_cost(
         kernel: one of :data:`KERNELS`.
         eps: probability clamp of the ``"ce"`` kernel.
         ce_reading: one of :data:`CE_READINGS`.
+        hausdorff_empty: one of :data:`HAUSDORFF_EMPTY` (a Hausdorff distance to an empty mask).
 
     Returns:
         (B, S, R) float32 costs; see the module docstring for the empty-mask conventions.
@@ -94,7 +118,7 @@ def pairwise_cost(
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
     if kernel == "ce":
         return pairwise_costs(None, target, ("ce",), probs=pred, eps=eps, ce_reading=ce_reading)["ce"]
-    return pairwise_costs(pred, target, (kernel,))[kernel]
+    return pairwise_costs(pred, target, (kernel,), hausdorff_empty=hausdorff_empty)[kernel]
 
 
 def pairwise_costs(
@@ -105,6 +129,7 @@ def pairwise_costs(
     probs: torch.Tensor | None = None,
     eps: float = CE_EPS,
     ce_reading: str = "mean",
+    hausdorff_empty: str = "diagonal",
 ) -> dict[str, torch.Tensor]:
     """Several kernels at once, sharing the work: one foreground window per image, one
     intersection product for "iou" and "dice", one distance transform per mask.
@@ -116,6 +141,7 @@ def pairwise_costs(
         probs: (B, S, H, W) foreground probabilities (needed by "ce").
         eps: probability clamp of the ``"ce"`` kernel.
         ce_reading: one of :data:`CE_READINGS`.
+        hausdorff_empty: one of :data:`HAUSDORFF_EMPTY`.
 
     Returns:
         ``{kernel: (B, S, R) float32 cost}``.
@@ -123,6 +149,7 @@ def pairwise_costs(
     check_kernels(kernels)
     if ce_reading not in CE_READINGS:
         raise ValueError(f"ce_reading must be one of {CE_READINGS}, got {ce_reading!r}")
+    check_hausdorff_empty(hausdorff_empty)
     costs: dict[str, torch.Tensor] = {}
     if "ce" in kernels:
         if probs is None:
@@ -148,13 +175,13 @@ def pairwise_costs(
         if "iou" in masks or "dice" in masks:
             costs.update(_overlap_costs(pred, target, windows, [k for k in masks if k in ("iou", "dice")]))
         if "hausdorff" in masks:
-            costs["hausdorff"] = _hausdorff_cost(pred, target, windows)
+            costs["hausdorff"] = _hausdorff_cost(pred, target, windows, empty_rule=hausdorff_empty)
     return {k: costs[k] for k in kernels}
 
 
 def per_class_pairwise_cost(
     pred: torch.Tensor, target: torch.Tensor, num_classes: int, kernel: str = "iou", *, average: bool = True,
-    eps: float = CE_EPS, ce_reading: str = "mean",
+    eps: float = CE_EPS, ce_reading: str = "mean", hausdorff_empty: str = "diagonal",
 ) -> torch.Tensor:
     """Multi-class wrapper of :func:`pairwise_cost`: one binary (one-vs-rest) cost per foreground
     class 1..K-1.
@@ -169,6 +196,7 @@ def per_class_pairwise_cost(
             as a whole segmentation); False keeps them apart.
         eps: probability clamp of the ``"ce"`` kernel.
         ce_reading: one of :data:`CE_READINGS` (``"binarized"``: each class's p > 0.5).
+        hausdorff_empty: one of :data:`HAUSDORFF_EMPTY`.
 
     Returns:
         (B, S, R) with ``average``, else (B, K - 1, S, R).
@@ -186,7 +214,8 @@ def per_class_pairwise_cost(
     else:
         check_set(pred, "pred")
         check_class_ids(pred, num_classes, "pred")
-        per_class = [pairwise_cost(pred == c, target == c, kernel) for c in range(1, num_classes)]
+        per_class = [pairwise_cost(pred == c, target == c, kernel, hausdorff_empty=hausdorff_empty)
+                     for c in range(1, num_classes)]
     costs = torch.stack(per_class, dim=1)
     return costs.mean(dim=1) if average else costs
 
@@ -353,8 +382,10 @@ def _hausdorff_cost(
     target: torch.Tensor,
     windows: list[tuple[int, int, int, int] | None],
     use_scipy: bool | None = None,
+    empty_rule: str = "diagonal",
 ) -> torch.Tensor:
-    """(B, S, R) symmetric Hausdorff distances; ``use_scipy`` None picks scipy on CPU tensors."""
+    """(B, S, R) symmetric Hausdorff distances; ``use_scipy`` None picks scipy on CPU tensors;
+    ``empty_rule`` (:data:`HAUSDORFF_EMPTY`) sets the pairs where exactly one mask is empty."""
     b, s, h, w = pred.shape
     r = target.shape[1]
     masks = torch.cat([pred, target], dim=1)
@@ -366,7 +397,7 @@ def _hausdorff_cost(
         empty = ~masks.flatten(2).any(dim=-1)  # (B, S + R)
     cost = torch.zeros(b, s, r, dtype=torch.float32)
     if all(box is None for box in windows):
-        return cost.to(pred.device)
+        return cost.to(pred.device)  # every mask empty: every pair is "both empty", cost 0
     if use_scipy:
         # On CPU scipy's linear-time transform, on each image's box, beats the batched brute force.
         p_np, t_np = pred.cpu().numpy(), target.cpu().numpy()
@@ -390,4 +421,31 @@ def _hausdorff_cost(
     one_empty = empty[:, :s, None] ^ empty[:, None, s:]
     both_empty = empty[:, :s, None] & empty[:, None, s:]
     cost = torch.where(both_empty, torch.zeros_like(cost), cost)
-    return torch.where(one_empty, torch.full_like(cost, math.hypot(h, w)), cost)
+    if not bool(one_empty.any()):
+        return cost
+    if empty_rule == "diagonal":
+        fill = torch.full_like(cost, math.hypot(h, w))
+    elif empty_rule == "nan":
+        fill = torch.full_like(cost, math.nan)
+    else:  # "max_distance": the farthest image pixel from the mask that is not empty
+        far = _farthest_pixel_distance(masks, empty, use_scipy).to(cost.device)  # (B, S + R)
+        fill = torch.where(empty[:, :s, None], far[:, None, s:], far[:, :s, None])
+    return torch.where(one_empty, fill, cost)
+
+
+def _farthest_pixel_distance(masks: torch.Tensor, empty: torch.Tensor, use_scipy: bool) -> torch.Tensor:
+    """(B, N) distance from each (B, N, H, W) mask to the image pixel farthest from it (the
+    Hausdorff distance between the mask and the whole image grid); 0 for empty masks. Only the
+    images that hold an empty mask next to a non-empty one are transformed."""
+    b, n = empty.shape
+    out = torch.zeros(b, n, dtype=torch.float32)
+    needed = (empty.any(dim=1) & (~empty).any(dim=1)).cpu()
+    for i in torch.nonzero(needed).flatten().tolist():
+        keep = torch.nonzero(~empty[i].cpu()).flatten()
+        if use_scipy:
+            d2 = _squared_distances_scipy(masks[i, keep].cpu().numpy())
+            far2 = torch.from_numpy(d2.reshape(len(keep), -1).max(axis=1).astype(np.float64))
+        else:
+            far2 = squared_distance_transform(masks[i, keep.to(masks.device)]).flatten(1).amax(dim=1).cpu()
+        out[i, keep] = far2.double().sqrt().float()
+    return out

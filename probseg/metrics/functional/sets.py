@@ -135,7 +135,8 @@ def matched_cost(cost: torch.Tensor, rater_mask: torch.Tensor | None = None,
         matching: one of :data:`MATCHINGS` (the convention when R does not divide S).
 
     Returns:
-        (B,) mean matched cost, on ``cost``'s device and dtype.
+        (B,) mean matched cost, on ``cost``'s device and dtype; NaN for an image whose costs
+        (of its present raters) hold NaN. Inf costs are refused.
     """
     if matching not in MATCHINGS:
         raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
@@ -143,8 +144,8 @@ def matched_cost(cost: torch.Tensor, rater_mask: torch.Tensor | None = None,
         raise ValueError(f"weighted hypotheses are matched by optimal transport only (matching='lcm'), got {matching!r}")
     if cost.ndim != 3:
         raise ValueError(f"cost must have shape (B, S, R), got {tuple(cost.shape)}")
-    if not bool(torch.isfinite(cost).all()):
-        raise ValueError("cost holds NaN or Inf")
+    if bool(torch.isinf(cost).any()):
+        raise ValueError("cost holds Inf")
     present = check_rater_mask(rater_mask, cost.transpose(1, 2)).cpu().numpy()
     weights = sample_weights(sample_weight, cost.shape[:2], dtype=torch.float64)
     weights = None if weights is None else weights.detach().cpu().numpy()
@@ -153,6 +154,9 @@ def matched_cost(cost: torch.Tensor, rater_mask: torch.Tensor | None = None,
     out = np.empty(costs.shape[0])
     for b, (c, keep) in enumerate(zip(costs, present)):
         c = c[:, keep]
+        if np.isnan(c).any():  # an undefined pair cost (hausdorff_empty="nan"): no matched cost
+            out[b] = math.nan
+            continue
         r = c.shape[1]
         if matching != "lcm":
             out[b] = _tiled_matching(c) if matching == "tile" else _rectangular_matching(c)
@@ -179,6 +183,8 @@ def empirical_wasserstein(
     eps: float = CE_EPS,
     sample_weight: torch.Tensor | None = None,
     matching: str = "lcm",
+    ce_reading: str = "mean",
+    hausdorff_empty: str = "diagonal",
 ) -> torch.Tensor:
     """Hungarian-matched empirical Wasserstein metric of each image.
 
@@ -190,11 +196,16 @@ def empirical_wasserstein(
         eps: probability clamp of the ``"ce"`` kernel.
         sample_weight: (B, S) weights of the hypotheses (None: uniform).
         matching: one of :data:`MATCHINGS`.
+        ce_reading: the ``"ce"`` kernel's reading (:data:`~probseg.metrics.functional.kernels.CE_READINGS`).
+        hausdorff_empty: the ``"hausdorff"`` kernel's distance to an empty mask
+            (:data:`~probseg.metrics.functional.kernels.HAUSDORFF_EMPTY`; ``"nan"`` gives NaN for
+            an image with such a pair).
 
     Returns:
         (B,) mean matched cost.
     """
-    return matched_cost(pairwise_cost(pred, target, kernel, eps=eps), rater_mask, sample_weight, matching)
+    cost = pairwise_cost(pred, target, kernel, eps=eps, ce_reading=ce_reading, hausdorff_empty=hausdorff_empty)
+    return matched_cost(cost, rater_mask, sample_weight, matching)
 
 
 def set_mean(cost: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, self_pairs: bool = True) -> torch.Tensor:
