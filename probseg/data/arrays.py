@@ -8,7 +8,19 @@ slices leak across splits:
 * ``"random"``: patients shuffled with ``seed``, then cut by ``fractions`` (train, val, test);
 * ``"paper"``: the cSAE paper's protocol: the first 20% of the patients (in order of first
   appearance) are the test set and the rest is cut into 3 folds (after a seeded shuffle);
-  ``fold`` k is the validation set and the other two folds the training set.
+  ``fold`` k is the validation set and the other two folds the training set;
+* ``"phiseg"``: the split of PHiSeg's LIDC preprocessing, which MoSE and later LIDC papers
+  reuse: the sorted unique CT series ids (the data's ``series``; its patients when it has none)
+  are shuffled and cut 80/20 into train+val and test, then train+val is shuffled and cut 80/20
+  into train and val, each cut drawn the way scikit-learn's ``train_test_split`` draws it
+  (``numpy.random.RandomState(seed).permutation``, the first ceil(20%) are the held-out part).
+  PHiSeg's code passes no seed, so its published split cannot be rebuilt; ``seed`` picks one;
+* ``"mose"``: ``"phiseg"`` with seed 0, the seed MoSE's copy of that preprocessing fixes
+  (``seed`` is ignored).
+
+The two published splits cut by CT series, not by patient: a patient scanned twice can have
+series on both sides of a cut (a leak the ``"random"`` and ``"paper"`` modes never make); a
+warning counts such patients.
 
 :class:`ArrayDataModule` serves your own data from one ``.npz`` file (see its docstring).
 
@@ -24,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,7 +47,7 @@ from torch.utils.data import Dataset
 
 from probseg.data.base import SPLITS, ProbSegDataModule
 
-SPLIT_MODES = ("given", "random", "paper")
+SPLIT_MODES = ("given", "random", "paper", "phiseg", "mose")
 SPLIT_FILE = "splits.json"
 """The file of a run folder that holds the image ids of each split."""
 PAPER_TEST_FRACTION = 0.2
@@ -51,6 +64,8 @@ class MultiRaterArrays:
         rater_mask: (N, R) bool, True where the rater annotated the image.
         patients: N patient ids (splits never separate a patient's images).
         ids: N image ids, unique.
+        series: N CT series ids (optional; the published LIDC splits cut by series, see
+            :func:`split_by_patient`); None when the source does not record them.
         source: where the arrays came from, for error messages.
     """
 
@@ -61,6 +76,7 @@ class MultiRaterArrays:
     ids: Sequence[str] | None = None
     source: str = "arrays"
     splits: dict[str, np.ndarray] = field(default_factory=dict)  # given splits: name -> indices
+    series: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -68,6 +84,8 @@ class MultiRaterArrays:
             self.rater_mask = np.ones(self.masks.shape[:2], dtype=bool)
         self.ids = [str(i) for i in (self.ids if self.ids is not None else range(n))]
         self.patients = [str(p) for p in (self.patients if self.patients is not None else self.ids)]
+        if self.series is not None:
+            self.series = [str(x) for x in self.series]
 
     def validate(self, num_classes: int = 2) -> MultiRaterArrays:
         """Check shapes, dtypes and values; errors name :attr:`source` and the first bad image."""
@@ -84,6 +102,8 @@ class MultiRaterArrays:
             raise ValueError(f"{src}: rater_mask must be (N, R) = {masks.shape[:2]}, got {self.rater_mask.shape}")
         if len(self.patients) != len(images) or len(self.ids) != len(images):
             raise ValueError(f"{src}: need one patient id and one image id per image ({len(images)})")
+        if self.series is not None and len(self.series) != len(images):
+            raise ValueError(f"{src}: 'series' holds {len(self.series)} ids for {len(images)} images")
         if len(set(self.ids)) != len(self.ids):
             raise ValueError(f"{src}: image ids are not unique")
         if not np.issubdtype(masks.dtype, np.integer) and masks.dtype != bool:
@@ -113,19 +133,24 @@ def split_by_patient(
     seed: int = 0,
     fractions: Sequence[float] = (0.7, 0.1, 0.2),
     fold: int = 0,
+    series: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Image indices of each split, with every patient's images in one split only.
+    """Image indices of each split, with every patient's images in one split only (for
+    "phiseg" and "mose": every CT series').
 
     Args:
         patients: patient id of each image.
-        mode: "random" or "paper" (see the module docstring).
-        seed: shuffling seed (same seed, same splits).
+        mode: "random", "paper", "phiseg" or "mose" (see the module docstring).
+        seed: shuffling seed (same seed, same splits; "mose" always uses 0).
         fractions: train, val, test fractions of the patients ("random").
         fold: validation fold 0..2 ("paper").
+        series: CT series id of each image ("phiseg", "mose"; default: the patients).
 
     Returns:
         ``{"train": indices, "val": indices, "test": indices}``, each sorted.
     """
+    if mode in ("phiseg", "mose"):
+        return _published_lidc_split(patients, series, 0 if mode == "mose" else seed)
     order = list(dict.fromkeys(patients))  # unique, in order of first appearance
     rng = np.random.default_rng(seed)
     if mode == "random":
@@ -146,10 +171,40 @@ def split_by_patient(
         groups = {"test": order[:n_test], "val": [rest[i] for i in folds[fold]],
                   "train": [rest[i] for k in range(PAPER_FOLDS) if k != fold for i in folds[k]]}
     else:
-        raise ValueError(f"unknown split mode {mode!r}; expected 'random' or 'paper'")
+        raise ValueError(f"unknown split mode {mode!r}; expected 'random', 'paper', 'phiseg' or 'mose'")
     member = {p: split for split, group in groups.items() for p in group}
     assignment = np.array([member[p] for p in patients])
     return {split: np.flatnonzero(assignment == split) for split in SPLITS}
+
+
+PUBLISHED_HELD_OUT = 0.2
+"""The held-out share of each of the two cuts of the PHiSeg / MoSE LIDC split."""
+
+
+def _held_out_cut(units: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) of ``units``: a RandomState(seed) permutation, whose first
+    ceil(20%) are held out (the draw of scikit-learn's ``train_test_split(test_size=0.2)``)."""
+    n_out = int(np.ceil(PUBLISHED_HELD_OUT * len(units)))
+    order = np.random.RandomState(seed).permutation(len(units))
+    return units[order[n_out:]], units[order[:n_out]]
+
+
+def _published_lidc_split(patients: Sequence[str], series: Sequence[str] | None, seed: int) -> dict[str, np.ndarray]:
+    """The PHiSeg / MoSE split (module docstring): two 80/20 cuts of the sorted series ids."""
+    unit_of = np.asarray(list(series) if series is not None else list(patients), dtype=str)
+    train_val, test = _held_out_cut(np.unique(unit_of), seed)
+    train, val = _held_out_cut(train_val, seed)
+    member = {u: name for name, group in (("train", train), ("val", val), ("test", test)) for u in group}
+    assignment = np.array([member[u] for u in unit_of])
+    split_of_patient: dict[str, set[str]] = {}
+    for patient, name in zip(patients, assignment):
+        split_of_patient.setdefault(str(patient), set()).add(str(name))
+    leaking = sorted(p for p, names in split_of_patient.items() if len(names) > 1)
+    if leaking:
+        warnings.warn(f"the published LIDC split cuts by CT series: {len(leaking)} patient(s) have series in two "
+                      f"splits, e.g. {leaking[:3]} (split_mode 'random' or 'paper' never separate a patient)",
+                      stacklevel=3)
+    return {name: np.flatnonzero(assignment == name) for name in SPLITS}
 
 
 def write_split_file(path: str | os.PathLike, ids: Sequence[str], splits: dict[str, np.ndarray],
@@ -254,9 +309,9 @@ class MultiRaterDataModule(ProbSegDataModule):
     ``MultiRaterArrays.splits`` and ``split_mode="given"`` uses them.
 
     Args:
-        split_mode: "given" (the format's own splits), "random" or "paper" (see
-            :func:`split_by_patient`); "given" falls back to "random" for formats without splits.
-        seed: split seed.
+        split_mode: "given" (the format's own splits), "random", "paper", "phiseg" or "mose"
+            (see the module docstring); "given" falls back to "random" for formats without splits.
+        seed: split seed ("mose" always uses 0).
         fractions: train, val, test patient fractions of "random".
         fold: validation fold of "paper".
         crop: (h, w) crop size (random for training, central for evaluation), or None.
@@ -321,7 +376,8 @@ class MultiRaterDataModule(ProbSegDataModule):
                 self._splits = {s: np.asarray(arrays.splits.get(s, []), dtype=np.int64) for s in SPLITS}
             else:
                 mode = "random" if self.split_mode == "given" else self.split_mode
-                self._splits = split_by_patient(arrays.patients, mode, self.seed, self.fractions, self.fold)
+                self._splits = split_by_patient(arrays.patients, mode, self.seed, self.fractions, self.fold,
+                                                series=arrays.series)
             trainer = getattr(self, "trainer", None)
             if path is not None and (trainer is None or trainer.is_global_zero):
                 write_split_file(path, arrays.ids, self._splits, self.split_recipe())
@@ -346,7 +402,8 @@ class ArrayDataModule(MultiRaterDataModule):
     * optional ``patients``: (N,) strings or integers; images of a patient stay in one split
       (default: every image is its own patient);
     * optional ``ids``: (N,) unique strings;
-    * optional ``split``: (N,) strings "train" / "val" / "test" (used by ``split_mode="given"``).
+    * optional ``split``: (N,) strings "train" / "val" / "test" (used by ``split_mode="given"``);
+    * optional ``series``: (N,) CT series ids (used by ``split_mode="phiseg"`` and ``"mose"``).
 
     Args:
         path: the ``.npz`` file.
@@ -403,6 +460,7 @@ def load_npz(path: str | os.PathLike) -> MultiRaterArrays:
         ids=content["ids"].astype(str).tolist() if "ids" in content else None,
         source=str(path),
         splits=splits,
+        series=content["series"].astype(str).tolist() if "series" in content else None,
     )
 
 
@@ -411,6 +469,8 @@ def save_npz(path: str | os.PathLike, arrays: MultiRaterArrays, split: Sequence[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = {} if split is None else {"split": np.asarray(split, dtype=str)}
+    if arrays.series is not None:
+        extra["series"] = np.asarray(arrays.series, dtype=str)
     np.savez(path, images=arrays.images, masks=arrays.masks, rater_mask=arrays.rater_mask,
              patients=np.asarray(arrays.patients, dtype=str), ids=np.asarray(arrays.ids, dtype=str), **extra)
     return path

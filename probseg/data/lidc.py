@@ -20,7 +20,10 @@
 The patient is the ``LIDC-IDRI-NNNN`` prefix of the pickle keys (else the series uid), the HDF5
 ``uids``, or the patient folder (png); splits never separate a patient's slices. ``split_mode="given"`` keeps the splits of hdf5 and png files; ``"random"``
 and ``"paper"`` (first 20% of the patients as test, 3-fold cross-validation on the rest, ``fold``)
-split by patient with ``seed``.
+split by patient with ``seed``; ``"phiseg"`` and ``"mose"`` rebuild the published PHiSeg / MoSE
+split by CT series (:mod:`probseg.data.arrays`): the pickle records each slice's series uid
+(kept by ``probseg convert`` as the ``.npz``'s ``series``). PHiSeg's HDF5 file already holds the
+split it was written with (``"given"``).
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def read_lidc_pickle(paths: Sequence[str | os.PathLike], allow_pickle: bool = Fa
             f"{files[0]}: reading a pickle executes code from the file. Pass allow_pickle=True for files you "
             "trust, or convert once with `probseg convert lidc-pickle IN OUT.npz` and read the .npz (format 'npz')"
         )
-    images, masks, patients, ids = [], [], [], []
+    images, masks, patients, ids, series = [], [], [], [], []
     for path in files:
         with open(path, "rb") as handle:
             try:
@@ -118,10 +121,12 @@ def read_lidc_pickle(paths: Sequence[str | os.PathLike], allow_pickle: bool = Fa
             # ("LIDC-IDRI-0001_..."), else by the series uid.
             match = _PATIENT_KEY.match(str(key))
             patients.append(match.group(1) if match else str(item["series_uid"]))
+            series.append(str(item["series_uid"]))
             ids.append(str(key))
     if not images:
         raise ValueError(f"{files[0]}: no entries")
-    return MultiRaterArrays(np.stack(images), np.stack(masks), patients=patients, ids=ids, source=str(files[0]))
+    return MultiRaterArrays(np.stack(images), np.stack(masks), patients=patients, ids=ids, source=str(files[0]),
+                            series=series)
 
 
 def convert_lidc_pickle(inputs: Sequence[str | os.PathLike], output: str | os.PathLike) -> Path:

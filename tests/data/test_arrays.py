@@ -128,3 +128,67 @@ def test_ids_may_be_numpy_arrays() -> None:
     arrays = MultiRaterArrays(np.zeros((2, 1, 4, 4), np.float32), np.zeros((2, 1, 4, 4), np.uint8),
                               ids=np.array(["a", "b"]))
     assert arrays.ids == ["a", "b"] and arrays.patients == ["a", "b"]
+
+
+# --- the published LIDC splits (PHiSeg, MoSE) ------------------------------------------------------
+
+SERIES = [f"1.3.6.{i % 11}" for i in range(40)]  # 11 series, interleaved slices
+SERIES_PATIENTS = [f"p{int(s.rsplit('.', 1)[1]) // 2}" for s in SERIES]  # two series per patient
+
+
+def _sklearn_split(series: list[str], seed: int) -> dict[str, set[str]]:
+    """The published recipe, with scikit-learn itself: two train_test_split(test_size=0.2) cuts of
+    the sorted unique series ids."""
+    from sklearn.model_selection import train_test_split
+
+    train_val, test = train_test_split(np.unique(series), test_size=0.2, random_state=seed)
+    train, val = train_test_split(train_val, test_size=0.2, random_state=seed)
+    return {"train": set(train), "val": set(val), "test": set(test)}
+
+
+@pytest.mark.parametrize("seed", [0, 3, 17])
+def test_phiseg_split_is_scikit_learns_two_cuts_of_the_series(seed: int) -> None:
+    with pytest.warns(UserWarning, match="cuts by CT series"):
+        splits = split_by_patient(SERIES_PATIENTS, "phiseg", seed=seed, series=SERIES)
+    expect = _sklearn_split(SERIES, seed)
+    for name, idx in splits.items():
+        assert {SERIES[i] for i in idx} == expect[name], name
+        assert all(SERIES[i] in expect[name] for i in idx)
+    assert sorted(np.concatenate(list(splits.values())).tolist()) == list(range(len(SERIES)))
+
+
+def test_mose_split_is_the_phiseg_split_with_seed_zero_and_patients_stand_in_for_series() -> None:
+    with pytest.warns(UserWarning):
+        mose = split_by_patient(SERIES_PATIENTS, "mose", seed=5, series=SERIES)
+        phiseg = split_by_patient(SERIES_PATIENTS, "phiseg", seed=0, series=SERIES)
+    assert all(np.array_equal(mose[s], phiseg[s]) for s in mose)
+    # Without series ids the patients are the units (and no patient can leak).
+    splits = split_by_patient(PATIENTS, "mose")
+    expect = _sklearn_split(PATIENTS, 0)
+    assert all({PATIENTS[i] for i in idx} == expect[name] for name, idx in splits.items())
+
+
+def test_series_split_warns_about_patients_on_both_sides() -> None:
+    """Two series of one patient cut apart: the warning counts and names the patient."""
+    series = ["s0", "s1", "s2", "s3", "s4"]
+    with pytest.warns(UserWarning, match=r"\d+ patient\(s\) have series in two splits"):
+        split_by_patient(["same"] * 5, "phiseg", series=series)
+
+
+def test_array_datamodule_splits_by_the_npz_series(tmp_path: Path) -> None:
+    """The npz's optional ``series`` round-trips and drives split_mode="phiseg"; the split file
+    records the mode."""
+    n = len(SERIES)
+    rng = np.random.default_rng(0)
+    arrays = MultiRaterArrays(rng.random((n, 1, 8, 8)).astype(np.float32), rng.integers(0, 2, (n, 2, 8, 8)).astype(np.uint8),
+                              patients=SERIES, ids=[f"img{i}" for i in range(n)], series=SERIES, source="s.npz")
+    path = save_npz(tmp_path / "series.npz", arrays)
+    split_file = tmp_path / "splits.json"
+    dm = ArrayDataModule(str(path), split_mode="phiseg", seed=3, split_file=str(split_file))
+    expect = _sklearn_split(SERIES, 3)
+    for name in ("train", "val", "test"):
+        assert {SERIES[int(it["id"][3:])] for it in dm.dataset(name)} == expect[name]
+    assert '"split_mode": "phiseg"' in split_file.read_text()
+    bad = MultiRaterArrays(arrays.images, arrays.masks, series=SERIES[:-1], source="s.npz")
+    with pytest.raises(ValueError, match="s.npz: 'series' holds 39 ids for 40 images"):
+        bad.validate()

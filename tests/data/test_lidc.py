@@ -48,6 +48,7 @@ def test_pickle_is_read_with_its_values_and_series_uids(tmp_path: Path, monkeypa
     arrays = read_lidc_pickle([tmp_path], allow_pickle=True)
     assert arrays.images.shape == (6, 1, SIZE, SIZE) and arrays.masks.shape == (6, 4, SIZE, SIZE)
     assert arrays.ids == list(entries) and arrays.patients == [e["series_uid"] for e in entries.values()]
+    assert arrays.series == [e["series_uid"] for e in entries.values()]
     for i, entry in enumerate(entries.values()):
         np.testing.assert_array_equal(arrays.images[i, 0], entry["image"])
         np.testing.assert_array_equal(arrays.masks[i], np.stack(entry["masks"]))
@@ -77,7 +78,8 @@ def test_convert_writes_a_pickle_free_npz_that_the_default_format_reads(tmp_path
     assert main(["convert", "lidc-pickle", str(path), str(out)]) == 0
     assert "only convert files you trust" in capsys.readouterr().err
     with np.load(out, allow_pickle=False) as data:  # no object arrays inside
-        assert set(data.files) >= {"images", "masks", "patients", "ids", "rater_mask"}
+        assert set(data.files) >= {"images", "masks", "patients", "ids", "rater_mask", "series"}
+        assert data["series"].tolist() == [e["series_uid"] for e in entries.values()]
     dm = LIDCDataModule(str(out), split_mode="random", fractions=(0.34, 0.33, 0.33), batch_size=2)
     items = {it["id"]: it for split in ("train", "val", "test") for it in dm.dataset(split)}
     assert sorted(items) == sorted(entries)
