@@ -16,6 +16,13 @@ defaults:
 Prints, per convention, both models' means and their difference, and the largest change a
 convention alone makes next to the difference between the models.
 
+Then, on the PU-Net's fixed predictions, each peer's published evaluation (PHiSeg, MoSE, CCDM,
+Flow-SSN: GED and, where the peer has one, the Hungarian-matched IoU, at the peer's number of
+hypotheses) computed twice: by probseg with the options that state the peer's conventions, and by
+the independent re-statement of the peer's code in ``tests/metrics/peer_evaluation.py`` (plain
+loops over pairs; its tests check the two agree on random sets). ``--reuse`` reads the fixed
+predictions of an earlier run instead of training again.
+
 Usage:
     python benchmarks/conventions.py --data ../shared/data/lidc_dev.npz --steps 300 --out runs/conventions
 """
@@ -100,6 +107,50 @@ def evaluate(probs: np.ndarray, masks: np.ndarray, rater_mask: np.ndarray, sigma
     return {m: float(values[m][keep].mean()) for m in METRICS}
 
 
+PEERS = {
+    # peer: (hypotheses, probseg's matching for its HM-IoU or None when it reports none)
+    "PHiSeg": (50, None),
+    "MoSE": (16, "lcm"),
+    "CCDM": (16, "lcm"),
+    "Flow-SSN": (100, "rectangular"),
+}
+"""Each peer's number of hypotheses (PHiSeg's test script: 50; MoSE and CCDM: 16, the common
+count, CCDM's own being unstated; Flow-SSN's test run: 100) and its matching."""
+
+
+def peer_table(probs: np.ndarray, masks: np.ndarray, rater_mask: np.ndarray) -> str:
+    """Markdown: per peer, GED and HM-IoU by probseg under the peer's options and by the
+    re-statement of the peer's evaluation code (tests/metrics/peer_evaluation.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
+    from tests.metrics import peer_evaluation as peer
+
+    from probseg.metrics.functional import generalized_energy_distance, matched_cost, pairwise_cost
+
+    code = {"PHiSeg": (peer.phiseg_ged, None), "MoSE": (peer.mose_ged, peer.mose_hm_iou),
+            "CCDM": (peer.ccdm_ged, peer.ccdm_hm_iou), "Flow-SSN": (peer.flowssn_ged, peer.flowssn_hm_iou)}
+    target, present = torch.from_numpy(masks > 0), torch.from_numpy(rater_mask)
+    lines = ["| peer (hypotheses) | probseg options | GED: probseg | GED: peer's code | HM-IoU: probseg | "
+             "HM-IoU: peer's code |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for name, (s, matching) in PEERS.items():
+        pred = torch.from_numpy(probs[:, :s].astype(np.float32) > 0.5)
+        ged = float(generalized_energy_distance(pred, target, present, self_pairs=True).double().mean())
+        ged_fn, hm_fn = code[name]
+        ref_ged = np.mean([ged_fn(pred[i].numpy(), target[i][present[i]].numpy()) for i in range(len(pred))])
+        cells = [f"{ged:.4f}", f"{ref_ged:.4f}", "–", "–"]
+        options = "self_pairs=True"
+        if matching is not None:
+            cost = pairwise_cost(pred, target, "iou")
+            hm = 1 - float(matched_cost(cost, present, matching=matching).double().mean())
+            ref_hm = np.mean([hm_fn(pred[i].numpy(), target[i][present[i]].numpy()) for i in range(len(pred))])
+            cells[2:] = [f"{hm:.4f}", f"{ref_hm:.4f}"]
+            options += f", matching={matching!r}"
+        lines.append(f"| {name} ({s}) | {options} | " + " | ".join(cells) + " |")
+    quirk = np.mean([peer.both_empty_one_ged(probs[i, :16] > 0.5, masks[i][rater_mask[i]] > 0) for i in range(len(probs))])
+    usual = float(generalized_energy_distance(torch.from_numpy(probs[:, :16] > 0.5), target, present).double().mean())
+    lines.append(f"| ports with both-empty distance 1 (16) | no option (a bug) | {usual:.4f} | {quirk:.4f} | – | – |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/lidc_dev.npz", help="a multi-rater .npz")
@@ -107,6 +158,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=100, help="test images in the fixed set")
     parser.add_argument("--out", default="runs/conventions")
+    parser.add_argument("--reuse", action="store_true", help="read --out/hypotheses.npz instead of training")
     args = parser.parse_args()
     if not Path(args.data).is_file():
         sys.exit(f"error: no such file: {args.data}")
@@ -114,14 +166,19 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     saved: dict[str, np.ndarray] = {}
-    for name in ("punet", "csae"):
-        model, test = train(name, args.data, args.steps, args.seed, out / name)
-        n = min(args.images, len(test))
-        draws = hypotheses(model, test, 100, n)
-        saved[f"{name}_probs"], saved[f"{name}_sigma"] = draws["probs"], draws["sigma"]
-    saved["masks"] = np.stack([test[i]["masks"].numpy() for i in range(n)]).astype(np.uint8)
-    saved["rater_mask"] = np.stack([test[i]["rater_mask"].numpy() for i in range(n)])
-    np.savez_compressed(out / "hypotheses.npz", **saved)
+    if args.reuse:
+        with np.load(out / "hypotheses.npz") as content:
+            saved = {key: content[key] for key in content.files}
+    else:
+        for name in ("punet", "csae"):
+            model, test = train(name, args.data, args.steps, args.seed, out / name)
+            n = min(args.images, len(test))
+            draws = hypotheses(model, test, 100, n)
+            saved[f"{name}_probs"], saved[f"{name}_sigma"] = draws["probs"], draws["sigma"]
+        saved["masks"] = np.stack([test[i]["masks"].numpy() for i in range(n)]).astype(np.uint8)
+        saved["rater_mask"] = np.stack([test[i]["rater_mask"].numpy() for i in range(n)])
+        np.savez_compressed(out / "hypotheses.npz", **saved)
+    n = len(saved["masks"])
     print(f"fixed predictions: {out / 'hypotheses.npz'} ({n} test images, 100 hypotheses each; raters per "
           f"image: {sorted(set(saved['rater_mask'].sum(1).tolist()))})\n")
     rows = {}
@@ -142,8 +199,9 @@ def main() -> None:
         lines.append(f"{m}: models differ by {between:.3f} under the defaults; the convention '{label}' alone moves "
                      f"the PU-Net's value by {change:.3f} ({change / max(between, 1e-12):.1f}x)")
     table = "\n".join(lines)
-    (out / "conventions.md").write_text(table + "\n")
-    print(table)
+    peers = peer_table(saved["punet_probs"], saved["masks"], saved["rater_mask"])
+    (out / "conventions.md").write_text(table + "\n\n" + peers + "\n")
+    print(table + "\n\n" + peers)
 
 
 if __name__ == "__main__":

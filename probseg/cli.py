@@ -5,6 +5,8 @@
 * ``probseg sample --ckpt PATH ...``: draw hypotheses from a checkpoint (see ``probseg sample -h``).
 * ``probseg results RUN_DIR ...``: gather the ``test_results.csv`` of several runs into one
   Markdown table (see ``probseg results -h``).
+* ``probseg benchmark --config CFG --models M1.yaml M2.yaml --out DIR``: fit and test every model
+  on every cross-validation fold and write Table 1 (see :mod:`probseg.benchmark`).
 * ``probseg data summary --config CFG``: counts and statistics of a data set, split by split.
 * ``probseg convert lidc-pickle IN OUT.npz``: convert trusted pickles to the safe array format.
 * ``probseg models``: list the registered models.
@@ -33,6 +35,7 @@ commands:
   predict    draw hypotheses for the predict split
   sample     draw hypotheses from a checkpoint and write .npz files and PNG grids
   results    gather test results of several runs into one table (the cSAE paper's Table 1)
+  benchmark  fit + test models over 3 cross-validation folds and write Table 1 (resumable)
   data       inspect a data set: 'probseg data summary --config CFG'
   convert    convert a data set to the safe array format: 'probseg convert lidc-pickle IN OUT.npz'
   models     list the registered models
@@ -61,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         return sample_main(args[1:])
     if command == "results":
         return results_main(args[1:])
+    if command == "benchmark":
+        from probseg.benchmark import main as benchmark_main
+
+        return benchmark_main(args[1:])
     if command == "data":
         return data_main(args[1:])
     if command == "convert":

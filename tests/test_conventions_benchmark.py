@@ -36,3 +36,15 @@ def test_a_tiny_conventions_run(tmp_path: Path) -> None:
     rows = {line.split(" | ")[0].strip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}
     assert {"probseg defaults", "matching: rectangular", "CE: binarized (Table 1's scale)"} <= set(rows)
     assert "alone moves" in done.stdout and (tmp_path / "out" / "conventions.md").is_file()
+    # Each peer's evaluation: probseg's value under the peer's options equals the peer's code's.
+    peers = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in done.stdout.splitlines()
+             if line.startswith(("| PHiSeg", "| MoSE", "| CCDM", "| Flow-SSN"))}
+    assert set(peers) == {"PHiSeg (50)", "MoSE (16)", "CCDM (16)", "Flow-SSN (100)"}
+    for name, cells in peers.items():
+        assert cells[2] == cells[3] and cells[4] == cells[5], name
+    # --reuse scores the saved predictions again without training.
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "conventions.py"), "--data", str(data),
+                            "--reuse", "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Trainer.fit" not in again.stderr and again.stdout.split("\n\n", 1)[1] == done.stdout.split("\n\n", 1)[1]

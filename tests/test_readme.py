@@ -4,7 +4,8 @@ Each ``bash`` block runs in a scratch folder holding the repository's configs, a
 checkpoint where the README expects one, and tiny input files. Shims keep it fast: ``probseg
 fit|validate|test|predict`` commands are recorded by the shell and then checked in this process
 with ``--print_config`` (the full parse and validation of the config and every override, without
-training); ``make`` is what CI runs anyway; ``srun`` runs its command. Every other command
+training); ``probseg benchmark`` runs with ``--dry-run`` (configs checked, commands printed);
+``make`` is what CI runs anyway; ``srun`` runs its command. Every other command
 (sample, results, data summary, convert, models, ``--help``) runs for real.
 Inline ``python benchmarks/...`` commands must name scripts that exist and parse ``--help``.
 """
@@ -32,7 +33,9 @@ BIN = Path(sys.executable).parent
 SHIMS = {
     # Lightning commands are recorded (one NUL-separated argv per line) for an in-process check.
     "probseg": 'case "$1" in fit|validate|test|predict) case " $* " in *" --help "*) ;; *)\n'
-               '  printf "%s\\0" "$@" >> "$PROBSEG_RECORD"; echo >> "$PROBSEG_RECORD"; exit 0 ;; esac ;; esac\n'
+               '  printf "%s\\0" "$@" >> "$PROBSEG_RECORD"; echo >> "$PROBSEG_RECORD"; exit 0 ;; esac ;;\n'
+               # a benchmark is many fits: its configs are checked and its commands printed, nothing trains
+               f'  benchmark) exec "{BIN}/probseg" "$@" --dry-run ;; esac\n'
                f'exec "{BIN}/probseg" "$@"\n',
     "make": "exit 0\n",
     "srun": 'exec "$@"\n',

@@ -230,6 +230,31 @@ class SyntheticDataset(Dataset):
         }
 
 
+CV_FOLDS = 3
+"""Folds of the cross-validation (``SyntheticDataModule(fold=k)``), as in the papers' protocol."""
+
+
+class FoldView(Dataset):
+    """The images ``indices`` of a :class:`SyntheticDataset`, renumbered 0..n-1 (``index`` is
+    the position in the view, as in every split; ``id`` stays the pool image's), with the
+    pool's oracle."""
+
+    def __init__(self, pool: SyntheticDataset, indices: np.ndarray) -> None:
+        self.pool, self.indices = pool, np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.pool[int(self.indices[index])]
+        item["index"] = index if index >= 0 else index + len(self)
+        return item
+
+    def sample_oracle(self, index: int, n: int, generator: np.random.Generator | int | None = None) -> torch.Tensor:
+        """``n`` draws from the true rater distribution of image ``index`` of the view."""
+        return self.pool.sample_oracle(int(self.indices[index]), n, generator)
+
+
 class SyntheticDataModule(ProbSegDataModule):
     """The embedded default data: :class:`SyntheticDataset` train/val/test splits.
 
@@ -242,6 +267,10 @@ class SyntheticDataModule(ProbSegDataModule):
         noise_std: image noise.
         batch_size, num_workers: loader settings.
         augmentation: training augmentation (see :class:`~probseg.data.base.ProbSegDataModule`).
+        fold: None (default: separate train and val images), or 0..2 for 3-fold cross-validation
+            as in the papers' protocol: the num_train + num_val training images form one pool cut
+            into 3 folds (in order); fold k is the validation set and the other two the training
+            set. The test images do not depend on the fold.
     """
 
     def __init__(
@@ -257,16 +286,30 @@ class SyntheticDataModule(ProbSegDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         augmentation: bool | dict[str, Any] | None = None,
+        fold: int | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, num_classes=2, in_channels=1,
                          augmentation=augmentation)
+        if fold is not None and not 0 <= fold < CV_FOLDS:
+            raise ValueError(f"fold must be None or in 0..{CV_FOLDS - 1}, got {fold}")
+        if fold is not None and num_train + num_val < CV_FOLDS:
+            raise ValueError(f"3-fold cross-validation needs num_train + num_val >= 3, got {num_train + num_val}")
         self.save_hyperparameters()
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
 
-    def make_dataset(self, split: str) -> SyntheticDataset:
+    def make_dataset(self, split: str) -> SyntheticDataset | FoldView:
+        hp = self.hparams
+        if hp.fold is not None and split != "test":
+            pool = self._dataset_of("train", self.sizes["train"] + self.sizes["val"])
+            folds = np.array_split(np.arange(len(pool)), CV_FOLDS)
+            keep = folds[hp.fold] if split == "val" else np.concatenate([f for k, f in enumerate(folds) if k != hp.fold])
+            return FoldView(pool, keep)
+        return self._dataset_of(split, self.sizes[split])
+
+    def _dataset_of(self, split: str, size: int) -> SyntheticDataset:
         hp = self.hparams
         return SyntheticDataset(
-            self.sizes[split],
+            size,
             split=split,
             image_size=hp.image_size,
             num_raters=hp.num_raters,

@@ -160,6 +160,7 @@ def test_phiseg_split_is_scikit_learns_two_cuts_of_the_series(seed: int) -> None
 def test_mose_split_is_the_phiseg_split_with_seed_zero_and_patients_stand_in_for_series() -> None:
     with pytest.warns(UserWarning):
         mose = split_by_patient(SERIES_PATIENTS, "mose", seed=5, series=SERIES)
+    with pytest.warns(UserWarning):
         phiseg = split_by_patient(SERIES_PATIENTS, "phiseg", seed=0, series=SERIES)
     assert all(np.array_equal(mose[s], phiseg[s]) for s in mose)
     # Without series ids the patients are the units (and no patient can leak).

@@ -355,3 +355,30 @@ def test_data_module_loaders_batch_in_the_library_format(dm: SyntheticDataModule
     assert len(dm.dataset("val")) == 3
     val = [b["id"] for b in dm.val_dataloader()]
     assert sum(len(x) for x in val) == 3
+
+
+def test_folds_cross_validate_one_training_pool_and_keep_the_test_images() -> None:
+    """fold k: the num_train + num_val pool in 3 ordered folds, k validates, the other two train;
+    every pool image validates exactly once over the folds; test images never change; items are
+    renumbered within their split and keep the pool's oracle."""
+    pool_ids = [f"synthetic-train-{i:05d}" for i in range(14)]
+    pool = SyntheticDataset(14, "train", image_size=16)
+    plain = SyntheticDataModule(image_size=16, num_train=10, num_val=4, num_test=3)
+    validated = []
+    for fold in range(3):
+        dm = SyntheticDataModule(image_size=16, num_train=10, num_val=4, num_test=3, fold=fold)
+        train, val = dm.dataset("train"), dm.dataset("val")
+        train_ids = [train[i]["id"] for i in range(len(train))]
+        val_ids = [val[i]["id"] for i in range(len(val))]
+        assert sorted(train_ids + val_ids) == pool_ids and not set(train_ids) & set(val_ids)
+        assert [val[i]["index"] for i in range(len(val))] == list(range(len(val)))
+        validated += val_ids
+        pool_index = int(val_ids[0][-5:])
+        torch.testing.assert_close(val[0]["image"], pool[pool_index]["image"])
+        assert torch.equal(val.sample_oracle(0, 5, 1), pool.sample_oracle(pool_index, 5, 1))
+        test = dm.dataset("test")
+        assert [test[i]["id"] for i in range(3)] == [plain.dataset("test")[i]["id"] for i in range(3)]
+        torch.testing.assert_close(test[2]["image"], plain.dataset("test")[2]["image"])
+    assert sorted(validated) == pool_ids
+    with pytest.raises(ValueError, match="fold must be None or in 0..2"):
+        SyntheticDataModule(fold=3)

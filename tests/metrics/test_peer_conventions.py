@@ -26,7 +26,10 @@ import numpy as np
 import pytest
 import torch
 
-from probseg.metrics.functional import empirical_wasserstein, generalized_energy_distance
+from probseg.metrics.functional import (
+    empirical_wasserstein,
+    generalized_energy_distance,
+)
 from tests.metrics import peer_evaluation as peer
 from tests.metrics._reference import blob_mask, mixed_masks, perturbed
 

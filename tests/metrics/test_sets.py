@@ -193,7 +193,7 @@ def test_empirical_wasserstein_identical_sets_is_zero() -> None:
 
 
 @pytest.mark.parametrize("self_pairs", [True, False])
-@pytest.mark.parametrize("s,r", [(4, 3), (1, 4), (3, 1), (5, 5)])
+@pytest.mark.parametrize("s,r", [(4, 3), (1, 4), (3, 1), (5, 5), (16, 4), (100, 4)])  # 16 and 100: the common counts
 def test_ged_matches_definition(s: int, r: int, self_pairs: bool) -> None:
     """2 E d(S, Y) - E d(S, S') - E d(Y, Y') with d = 1 - IoU, python loops over pairs."""
     pred, target = _sets(s * 3 + r, 3, s, r)
