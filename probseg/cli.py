@@ -79,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<10} {class_path(cls)}")
         return 0
     if command in LIGHTNING_COMMANDS:
-        run_lightning(args)
+        from probseg.callbacks.checkpoint import CheckpointWriteError, RunLockedError
+
+        try:
+            run_lightning(args)
+        except (RunLockedError, CheckpointWriteError) as err:  # expected conditions: a message, no traceback
+            print(f"probseg {command}: {err}", file=sys.stderr)
+            return 1
         return 0
     print(f"probseg: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

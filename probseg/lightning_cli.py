@@ -8,6 +8,8 @@ Registry names are resolved while jsonargparse reads each config document (the Y
 from __future__ import annotations
 
 import os
+import warnings
+from pathlib import Path
 from typing import Any
 
 import jsonargparse
@@ -118,6 +120,42 @@ def default_loggers(root: str, wandb_mode: str) -> list[Any]:
     return loggers
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be read (a torch zip archive with intact CRCs), or None."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        return f"{type(err).__name__}: {err}"
+    return f"damaged member {bad}" if bad else None
+
+
+def readable_last_checkpoint(trainer: Trainer) -> str | None:
+    """What ``--ckpt_path last`` resumes from: ``last.ckpt`` of the run's checkpoint folder when it
+    reads; an unreadable one is renamed aside (``last.ckpt.unreadable``) with a warning naming it,
+    and the newest readable checkpoint of the folder is used instead (none: a fresh start). "last"
+    itself when the folder holds no last.ckpt (Lightning's own rules apply)."""
+    folders = [Path(c.dirpath) for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+    for folder in folders:
+        last = folder / "last.ckpt"
+        if not last.is_file():
+            continue
+        problem = checkpoint_problem(last)
+        if problem is None:
+            return "last"
+        aside = last.with_name("last.ckpt.unreadable")
+        os.replace(last, aside)
+        others = sorted((p for p in folder.glob("*.ckpt") if checkpoint_problem(p) is None),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+        fallback = str(others[0]) if others else None
+        warnings.warn(f"{last} is unreadable ({problem}); kept as {aside.name}. Resuming from "
+                      f"{fallback or 'scratch (no other readable checkpoint in the folder)'}", stacklevel=2)
+        return fallback
+    return "last"
+
+
 class ProbSegCLI(LightningCLI):
     """``probseg fit|validate|test|predict``; see :mod:`probseg.cli` for the defaults."""
 
@@ -138,6 +176,12 @@ class ProbSegCLI(LightningCLI):
             choices=WANDB_MODES,
             help="W&B mode of the default loggers: offline (default, no login), online or disabled",
         )
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand == "fit" and kwargs.get("ckpt_path") == "last":
+            kwargs["ckpt_path"] = readable_last_checkpoint(self.trainer)
+        return kwargs
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})

@@ -97,3 +97,38 @@ def load_script(path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class HoldUntilFile(Callback):
+    """Used from YAML by the lock tests: after its first training step the run waits (holding its
+    checkpoint lock) until ``path`` exists, at most ``timeout`` seconds."""
+
+    def __init__(self, path: str, timeout: float = 120.0) -> None:
+        self.path, self.timeout = path, timeout
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        deadline = time.monotonic() + self.timeout
+        while trainer.global_step == 1 and not Path(self.path).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class FailSavesFrom(Callback):
+    """Used from YAML by the storage-fault tests: from optimizer step ``step`` on, every
+    ``torch.save`` writes a few bytes and then fails as a full disk does (ENOSPC)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step and not getattr(torch.save, "fails", False):
+            import errno
+
+            def failing_save(obj, f, *args, **kwargs):
+                if hasattr(f, "write"):
+                    f.write(b"PK\x03\x04 partial")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            failing_save.fails = True
+            torch.save = failing_save

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from probseg.callbacks import RunCheckpoint
+from probseg.callbacks.checkpoint import RunLockedError
 from tests.conftest import TINY_PUNET
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,11 +110,31 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(uninterrupted: Path, t
 
 
 def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(tmp_path: Path) -> None:
+    """The lock is an flock held for the run's life (per open file, so a second one in this process
+    is refused too); a leftover file whose holder is gone is taken over; releasing removes it."""
     folder = tmp_path / "checkpoints"
     first = RunCheckpoint(dirpath=str(folder))
     first._acquire(folder)
+    assert (folder / ".lock").read_text() == str(os.getpid())
+    with pytest.raises(RunLockedError, match=rf"another probseg run \(process {os.getpid()}\) is writing checkpoints"):
+        RunCheckpoint(dirpath=str(folder))._acquire(folder)
+    first._release()
+    assert not (folder / ".lock").exists()
+    (folder / ".lock").write_text("999999999")  # left by a crashed run: nobody holds it
+    second = RunCheckpoint(dirpath=str(folder))
+    second._acquire(folder)
+    assert (folder / ".lock").read_text() == str(os.getpid())
+    second._release()
+
+
+def test_without_flock_an_exclusive_create_stands_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import probseg.callbacks.checkpoint as module
+
+    monkeypatch.setattr(module, "fcntl", None)
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
     (folder / ".lock").write_text(str(os.getppid()))  # a live process other than this one
-    with pytest.raises(RuntimeError, match=r"another probseg run \(process \d+\) is writing checkpoints"):
+    with pytest.raises(RunLockedError, match=rf"process {os.getppid()}"):
         RunCheckpoint(dirpath=str(folder))._acquire(folder)
     (folder / ".lock").write_text("999999999")  # a process that no longer exists
     RunCheckpoint(dirpath=str(folder))._acquire(folder)

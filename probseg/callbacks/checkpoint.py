@@ -8,9 +8,16 @@ have made: together with the optimizer, loops, callbacks and the data order (res
 Lightning and by :class:`probseg.data.base.ProbSegDataModule`), the resumed run ends with the
 weights of an uninterrupted one.
 
-While a run trains, ``checkpoints/.lock`` holds its process id: a second run pointed at the same
-folder is refused instead of overwriting the first one's checkpoints (a lock left by a process
-that no longer exists is taken over).
+While a run trains it holds an exclusive ``fcntl.flock`` on ``checkpoints/.lock`` (which names its
+process id): of several runs started on one folder at once exactly one trains, and the others stop
+with :class:`RunLockedError` naming the owner, on every DDP rank. The kernel drops the lock when its
+process dies, so a crashed run's leftover file is taken over. Where ``fcntl`` does not exist
+(Windows) an exclusive create of the file stands in, with the same messages.
+
+Checkpoints are written atomically (:class:`AtomicCheckpointIO`): to a temporary file in the same
+folder, flushed to disk, then renamed over the old one, so a crash or a full disk mid-save never
+leaves a truncated ``last.ckpt``: the previous good file stays until the new one is complete, and a
+failed save stops the run with :class:`CheckpointWriteError` naming the file and the cause.
 """
 
 from __future__ import annotations
@@ -23,7 +30,13 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+try:
+    import fcntl
+except ImportError:  # Windows: an exclusive create stands in
+    fcntl = None
 
 LOCK_NAME = ".lock"
 RNG_KEY = "probseg_rng"
@@ -55,6 +68,57 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _python_state(state: tuple) -> list:
     version, internal, gauss = state
     return [version, list(internal), gauss]
+
+
+class RunLockedError(RuntimeError):
+    """Another live run holds the checkpoint folder."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (the previous file at that path is intact)."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO, made atomic on local disks: serialize to
+    ``.<name>.<pid>.tmp`` in the target folder, flush and fsync it, ``os.replace`` it over the target
+    and fsync the folder. (Lightning's own save goes through a temporary file in the system's temp
+    folder and a move, which is a copy when that folder is on another disk.) Remote paths
+    (``s3://`` ...) are left to Lightning."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        target = str(path)
+        if "://" in target or storage_options is not None:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target_path = Path(target)
+        tmp = target_path.with_name(f".{target_path.name}.{os.getpid()}.tmp")
+        try:
+            target_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target_path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            reason = err.strerror or str(err)
+            raise CheckpointWriteError(err.errno, f"could not write the checkpoint {target_path} ({reason}); "
+                                       f"{'the previous file is kept' if target_path.exists() else 'no earlier file'}"
+                                       ", so a resume loses at most this save interval") from err
+        _fsync_folder(target_path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -103,13 +167,25 @@ class RunCheckpoint(ModelCheckpoint):
                          auto_insert_metric_name=auto_insert_metric_name,
                          enable_version_counter=enable_version_counter, **kwargs)
         self._lock: Path | None = None
+        self._lock_fd: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and trainer.is_global_zero:
-            self._acquire(Path(self.dirpath))
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make its saves atomic
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if stage == "fit":
+            # Rank 0 takes the lock and tells every rank the outcome, so all stop together.
+            refused = None
+            if trainer.is_global_zero:
+                try:
+                    self._acquire(Path(self.dirpath))
+                except RunLockedError as err:
+                    refused = str(err)
+            refused = trainer.strategy.broadcast(refused, src=0)
+            if refused:
+                raise RunLockedError(refused)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -140,12 +216,46 @@ class RunCheckpoint(ModelCheckpoint):
 
     def _release(self) -> None:
         if self._lock is not None:
-            self._lock.unlink(missing_ok=True)
+            self._lock.unlink(missing_ok=True)  # while still locked: a waiting run retries on a new file
             self._lock = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # drops the flock
+            self._lock_fd = None
+
+    @staticmethod
+    def _refusal(folder: Path, owner: str) -> RunLockedError:
+        return RunLockedError(
+            f"another probseg run (process {owner or 'unknown'}) is writing checkpoints to {folder}; give this run "
+            "its own --trainer.default_root_dir, or wait for that one to finish")
 
     def _acquire(self, folder: Path) -> None:
+        """Take the folder's lock for this run's life, or raise :class:`RunLockedError`."""
         folder.mkdir(parents=True, exist_ok=True)
         lock = folder / LOCK_NAME
+        if fcntl is None:
+            return self._acquire_by_create(folder, lock)
+        while True:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held by a live run
+                owner = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                raise self._refusal(folder, owner) from None
+            try:
+                current = os.stat(lock).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(fd).st_ino:  # the holder removed this file as we opened it: again
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self._lock, self._lock_fd = lock, fd
+            return None
+
+    def _acquire_by_create(self, folder: Path, lock: Path) -> None:
+        """Without flock: an exclusive create, taking over a file whose process is gone."""
         for _ in range(2):
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -155,10 +265,7 @@ class RunCheckpoint(ModelCheckpoint):
                 except (OSError, ValueError):
                     owner = 0
                 if owner and owner != os.getpid() and _pid_alive(owner):
-                    raise RuntimeError(
-                        f"another probseg run (process {owner}) is writing checkpoints to {folder}; give this run "
-                        "its own --trainer.default_root_dir, or wait for that one to finish"
-                    ) from None
+                    raise self._refusal(folder, str(owner)) from None
                 lock.unlink(missing_ok=True)  # left by a process that is gone (or by this one)
                 continue
             with os.fdopen(fd, "w") as f:
