@@ -373,3 +373,26 @@ def test_nested_class_paths_are_not_taken_for_model_typos() -> None:
     loaded = load_config("trainer: {callbacks: [{class_path: UNet}]}\nmodel: {class_path: punet}\n")
     assert loaded["trainer"]["callbacks"][0]["class_path"] == "UNet"
     assert loaded["model"]["class_path"] == "probseg.models.punet.ProbUNet"
+
+
+@pytest.mark.parametrize(
+    ("option", "base"),
+    [
+        ("--model.class_path=collections.OrderedDict", "ProbSegModel"),
+        ("--data.class_path=collections.OrderedDict", "ProbSegDataModule"),
+        ("--trainer.logger.class_path=collections.OrderedDict", "Logger"),
+        ("--trainer.callbacks+=collections.OrderedDict", "Callback"),
+    ],
+)
+def test_class_paths_outside_a_slots_base_class_are_refused(option: str, base: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A config names classes by import path; each slot only takes subclasses of its base class
+    (model, data, logger, callbacks), refused before anything is built or trained."""
+    config = tiny_config(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(config), "--wandb", "disabled", option])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "collections.OrderedDict" in err or "subclass of Callback" in err
+    assert f"subclass of {base}" in err
+    assert not (tmp_path / "run").exists()
