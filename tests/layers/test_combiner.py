@@ -126,3 +126,24 @@ def test_combiner_bad_shapes_are_clear_value_errors(
     comb = _combiner(2, None)
     with pytest.raises(ValueError, match="expected"):
         comb(torch.randn(features_shape), torch.randn(z_shape))
+
+
+@pytest.mark.parametrize("cache_bytes", [1, 3 * 8 * 35 * 8])  # 1 and 3 hypotheses (8 channels x 35 pixels) per chunk
+def test_combiner_chunked_cpu_path_equals_naive_tiling_with_gradients(cache_bytes: int,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU path that sends the hypotheses through the layers in cache-sized chunks (S = 5 is
+    not a multiple of 3) computes the naive combiner, forward and backward, in float64."""
+    import probseg.layers.combiner as module
+
+    monkeypatch.setattr(module, "CACHE_BYTES", cache_bytes)
+    comb = _combiner(4, 8).double()
+    torch.manual_seed(3)
+    features = torch.randn(3, 4, 5, 7, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(3, 5, 3, dtype=torch.float64, requires_grad=True)
+    out = comb(features, z)
+    expected = naive_fcomb_set(comb, features, z)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.sin().sum(), [features, z, *comb.parameters()])
+    ref = torch.autograd.grad(expected.sin().sum(), [features, z, *comb.parameters()])
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
