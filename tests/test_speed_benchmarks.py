@@ -55,3 +55,16 @@ def test_eval_benchmark_baseline_equals_the_engine_on_both_distributions(capsys:
         assert base > 0 and engine > 0
     out = capsys.readouterr().out
     assert out.count("**all four kernels + GED**") == 2
+
+
+@pytest.mark.slow
+def test_soak_reports_memory_and_step_time_per_interval(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(BENCH / "soak.py"), "--steps", "8", "--every", "4", "--out",
+                           str(tmp_path / "soak"), "--wandb", "disabled", "--max-growth-mib", "1000"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 4 |") or line.startswith("| 8 |")]
+    assert len(rows) == 2 and "PASS" in done.stdout

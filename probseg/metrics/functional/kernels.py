@@ -11,7 +11,8 @@ vectorized computation (no loop over pairs):
   directed distance h(A -> B) is the max over A of the transform of B. On CPU the transforms are
   scipy's exact linear-time EDT; on other devices a batched exact brute force in torch;
 * ``"ce"``: pred are foreground probabilities; per-pixel binary cross-entropy, mean over pixels,
-  probabilities clamped to [eps, 1 - eps].
+  probabilities clamped to [eps, 1 - eps]: sum_n log(1 - p) once per hypothesis (every pixel) and
+  the rater-dependent part logit(p) . t on each image's rater box only.
 
 Conventions (the same for every kernel unless stated):
 
@@ -305,18 +306,22 @@ def _overlap_costs(
 def _cross_entropy_cost(pred: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
     if not 0 < eps < 0.5:
         raise ValueError(f"eps must be in (0, 0.5), got {eps}")
-    p = pred.flatten(2)
-    p = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
-    t = target.flatten(2).to(p.dtype)
-    # sum_n t log p + (1 - t) log(1 - p) = t . logit(p) + sum_n log(1 - p): one matmul, with
-    # log(1 - p) = log p - logit(p). Four passes over the pixels, which are memory-bound; clamping
-    # commutes with the monotone log, so log p is clamped after the log, in place.
-    logit = torch.logit(p, eps=eps)
-    log_not_p = torch.log(p).clamp_(math.log(eps), math.log1p(-eps)).sub_(logit)
+    p = pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred
+    t = target.to(p.dtype)
+    b, s, h, w = p.shape
     wide = accumulation_dtype(p.device)
-    log_lik = (logit @ t.transpose(1, 2)).to(wide) + log_not_p.sum(-1).to(wide)[:, :, None]
-    cost = -log_lik / p.shape[-1]
-    both_empty = (p.sum(-1) == 0)[:, :, None] & (t.sum(-1) == 0)[:, None, :]
+    # sum_n t log p + (1 - t) log(1 - p) = sum_n log(1 - p) + t . logit(p). The first sum needs every
+    # pixel (one log each); the dot only the pixels some rater marks, so logit(p) is computed on each
+    # image's rater box alone (one matrix product per image). Clamped in the input's precision.
+    clamped = p.clamp(eps, 1 - eps)
+    log_lik = torch.log1p(-clamped).sum((-2, -1), dtype=wide)[:, :, None].expand(b, s, target.shape[1]).clone()
+    for i, box in enumerate(foreground_windows(target)):
+        if box is not None:
+            r0, r1, c0, c1 = box
+            logit = torch.logit(clamped[i, :, r0:r1, c0:c1]).flatten(1)  # (S, pixels of the box)
+            log_lik[i] += (logit @ t[i, :, r0:r1, c0:c1].flatten(1).T).to(wide)
+    cost = -log_lik / (h * w)
+    both_empty = (p.flatten(2).sum(-1) == 0)[:, :, None] & (t.flatten(2).sum(-1) == 0)[:, None, :]
     return torch.where(both_empty, torch.zeros_like(cost), cost).float()
 
 
