@@ -424,13 +424,13 @@ def _hausdorff_cost(
     ``empty_rule`` (:data:`HAUSDORFF_EMPTY`) sets the pairs where exactly one mask is empty."""
     b, s, h, w = pred.shape
     r = target.shape[1]
-    masks = torch.cat([pred, target], dim=1)
     if use_scipy is None:
         use_scipy = pred.device.type == "cpu"
-    if masks.device.type == "cpu":  # numpy's boolean reductions are much faster than torch's
-        empty = ~torch.from_numpy(masks.numpy().reshape(b, s + r, -1).any(axis=-1))
+    if pred.device.type == "cpu":  # numpy's boolean reductions are much faster than torch's
+        empty = ~torch.from_numpy(np.concatenate([pred.numpy().reshape(b, s, -1).any(axis=-1),
+                                                  target.numpy().reshape(b, r, -1).any(axis=-1)], axis=1))
     else:
-        empty = ~masks.flatten(2).any(dim=-1)  # (B, S + R)
+        empty = ~torch.cat([pred.flatten(2).any(dim=-1), target.flatten(2).any(dim=-1)], dim=1)  # (B, S + R)
     cost = torch.zeros(b, s, r, dtype=torch.float32)
     if all(box is None for box in windows):
         return cost.to(pred.device)  # every mask empty: every pair is "both empty", cost 0
@@ -446,7 +446,7 @@ def _hausdorff_cost(
             backward = _directed_max(t_img, _squared_distances_scipy(p_img)).T  # h(target -> pred)^2
             cost[i] = torch.from_numpy(np.sqrt(np.maximum(forward, backward)))
     else:
-        crop = _common_crop(masks, windows)
+        crop = _common_crop(torch.cat([pred, target], dim=1), windows)
         d2 = squared_distance_transform(crop.flatten(0, 1)).reshape(b, s + r, -1)
         d2 = torch.where(empty[..., None], torch.zeros_like(d2), d2)  # no inf * 0 for empty masks
         fg = crop.flatten(2).float()
@@ -464,7 +464,7 @@ def _hausdorff_cost(
     elif empty_rule == "nan":
         fill = torch.full_like(cost, math.nan)
     else:  # "max_distance": the farthest image pixel from the mask that is not empty
-        far = _farthest_pixel_distance(masks, empty, use_scipy).to(cost.device)  # (B, S + R)
+        far = _farthest_pixel_distance(torch.cat([pred, target], dim=1), empty, use_scipy).to(cost.device)  # (B, S + R)
         fill = torch.where(empty[:, :s, None], far[:, None, s:], far[:, :s, None])
     return torch.where(one_empty, fill, cost)
 
