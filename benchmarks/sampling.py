@@ -98,10 +98,11 @@ def compare_with_peer(filters: list[int], convs: int, size: int, batches: list[i
     with torch.inference_mode(), autocast:
         for batch in batches:
             x = torch.rand(batch, 1, size, size, device=device)
-            features = model.network.unet(x)
-            z = torch.randn(batch, 3, model.hparams.latent_dim, device=device)
-            torch.testing.assert_close(model.network.fcomb(features, z), tiled_combiner(model, features, z),
-                                       rtol=1e-4, atol=1e-4)  # the same maths as the peer's tiled combiner
+            with torch.autocast(device.type, enabled=False):  # the same maths as the peer's tiled combiner
+                features = model.network.unet(x)
+                z = torch.randn(batch, 3, model.hparams.latent_dim, device=device)
+                torch.testing.assert_close(model.network.fcomb(features, z), tiled_combiner(model, features, z),
+                                           rtol=1e-4, atol=1e-4)
             for s in samples:
                 t = interleaved({"one": lambda: model.sample(x, 1), "probseg": lambda: model.sample(x, s),
                                  "peer": lambda: peer_loop_sample(peer, x, s)}, rounds, device)

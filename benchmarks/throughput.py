@@ -65,10 +65,9 @@ def measure(name: str, config: str, variant: str, steps: int, device: torch.devi
     batch = {"image": torch.rand(c["batch"], 1, c["size"], c["size"], generator=g).to(device),
              "masks": torch.randint(0, 2, (c["batch"], 4, c["size"], c["size"]), generator=g).to(device)}
     torch.manual_seed(0)
-    model = build(name, c["filters"], c["convs"]).to(device)
-    if variant == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
-        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    # "channels_last" is probseg's default layout; the other variants start from PyTorch's default
+    # (channels-first) so that each one's gain is measured on its own.
+    model = build(name, c["filters"], c["convs"], channels_last=variant == "channels_last").to(device)
     compile_s = 0.0
     if variant == "compiled":
         model.network.unet.compile()
