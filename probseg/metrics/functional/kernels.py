@@ -12,7 +12,7 @@ vectorized computation (no loop over pairs):
   scipy's exact linear-time EDT; on other devices a batched exact brute force in torch;
 * ``"ce"``: pred are foreground probabilities; per-pixel binary cross-entropy, mean over pixels,
   probabilities clamped to [eps, 1 - eps]: sum_n log(1 - p) once per hypothesis (every pixel) and
-  the rater-dependent part logit(p) . t on each image's rater box only.
+  the rater-dependent part logit(p) . t on the raters' foreground window only.
 
 Conventions (the same for every kernel unless stated):
 
@@ -307,22 +307,48 @@ def _cross_entropy_cost(pred: torch.Tensor, target: torch.Tensor, eps: float) ->
     if not 0 < eps < 0.5:
         raise ValueError(f"eps must be in (0, 0.5), got {eps}")
     p = pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred
-    t = target.to(p.dtype)
     b, s, h, w = p.shape
     wide = accumulation_dtype(p.device)
     # sum_n t log p + (1 - t) log(1 - p) = sum_n log(1 - p) + t . logit(p). The first sum needs every
-    # pixel (one log each); the dot only the pixels some rater marks, so logit(p) is computed on each
-    # image's rater box alone (one matrix product per image). Clamped in the input's precision.
-    clamped = p.clamp(eps, 1 - eps)
-    log_lik = torch.log1p(-clamped).sum((-2, -1), dtype=wide)[:, :, None].expand(b, s, target.shape[1]).clone()
-    for i, box in enumerate(foreground_windows(target)):
-        if box is not None:
-            r0, r1, c0, c1 = box
-            logit = torch.logit(clamped[i, :, r0:r1, c0:c1]).flatten(1)  # (S, pixels of the box)
-            log_lik[i] += (logit @ t[i, :, r0:r1, c0:c1].flatten(1).T).to(wide)
+    # pixel (one log each); the dot only the pixels some rater marks, so logit(p) is computed on the
+    # raters' foreground box alone. Probabilities are clamped in the input's precision. On CPU the
+    # images go in chunks of about a megabyte, so the passes over a chunk run in cache.
+    windows = foreground_windows(target)
+    per_image = s * h * w
+    step = max(1, _CE_CHUNK_ELEMENTS // per_image) if p.device.type == "cpu" else b
+    log_lik = torch.zeros(b, s, target.shape[1], dtype=wide, device=p.device)
+    for i in range(0, b, step):
+        clamped = p[i : i + step].clamp(eps, 1 - eps)
+        log_lik[i : i + step] += _marked_logit_sums(clamped, target[i : i + step], windows[i : i + step])
+        log_lik[i : i + step] += clamped.neg_().log1p_().sum((-2, -1)).to(wide)[:, :, None]
     cost = -log_lik / (h * w)
-    both_empty = (p.flatten(2).sum(-1) == 0)[:, :, None] & (t.flatten(2).sum(-1) == 0)[:, None, :]
+    both_empty = (p.flatten(2).sum(-1) == 0)[:, :, None] & (target.flatten(2).sum(-1) == 0)[:, None, :]
     return torch.where(both_empty, torch.zeros_like(cost), cost).float()
+
+
+_CE_CHUNK_ELEMENTS = 1 << 18
+"""Probabilities per chunk of the CPU cross-entropy (1 MiB of float32)."""
+
+
+def _marked_logit_sums(clamped: torch.Tensor, target: torch.Tensor,
+                       windows: list[tuple[int, int, int, int] | None]) -> torch.Tensor:
+    """(b, S, R) sums of logit(p) over each rater's marked pixels, on the raters' boxes: per image
+    on CPU, one window for the batch elsewhere (one batched product)."""
+    b, s = clamped.shape[:2]
+    out = torch.zeros(b, s, target.shape[1], dtype=accumulation_dtype(clamped.device), device=clamped.device)
+    if all(box is None for box in windows):
+        return out
+    if clamped.device.type == "cpu":
+        for j, box in enumerate(windows):
+            if box is not None:
+                r0, r1, c0, c1 = box
+                logit = torch.logit(clamped[j, :, r0:r1, c0:c1]).flatten(1)
+                marked = target[j, :, r0:r1, c0:c1].flatten(1).to(logit.dtype)
+                # bmm, not mm: a tiny multi-threaded mm can take milliseconds on some CPU builds
+                out[j] = torch.bmm(logit[None], marked.T[None])[0].to(out.dtype)
+        return out
+    logit = torch.logit(_common_crop(clamped, windows)).flatten(2)
+    return torch.bmm(logit, _common_crop(target, windows).flatten(2).to(logit.dtype).transpose(1, 2)).to(out.dtype)
 
 
 def _binarized_cross_entropy_cost(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
