@@ -30,6 +30,81 @@ class InputError(ValueError):
     """An input image or a command-line setting cannot be used with the model."""
 
 
+MAX_IMAGE_BYTES = 8 << 30
+"""The most bytes an input file may declare for its pixels (shape times item size, as float32 for
+NIfTI; 8 GiB, as :data:`probseg.data.arrays.MAX_MEMBER_BYTES`): a ``.npy`` or NIfTI header
+declaring more, or more than the file can hold, is refused before anything is allocated."""
+_DEFLATE_MAX_RATIO = 1032
+"""No gzip (deflate) stream expands by more than this factor: a bound on what a ``.nii.gz`` can hold."""
+
+
+def _check_declared(source: str, shape: tuple[int, ...], dtype: np.dtype, loaded_itemsize: int, capacity: int) -> None:
+    """Refuse a header whose declared pixels exceed :data:`MAX_IMAGE_BYTES` or ``capacity`` bytes."""
+    count = 1
+    for n in shape:
+        if int(n) < 0:
+            raise InputError(f"{source}: could not read the file (its header declares the invalid shape {shape})")
+        count *= int(n)
+    loaded = count * max(dtype.itemsize, loaded_itemsize, 1)
+    if loaded > MAX_IMAGE_BYTES:
+        raise InputError(f"{source}: its header declares shape {shape} of {dtype} ({loaded} bytes), above the limit "
+                         f"of {MAX_IMAGE_BYTES} bytes (MAX_IMAGE_BYTES); refused unread")
+    if count * dtype.itemsize > capacity:
+        raise InputError(f"{source}: could not read the file (its header declares shape {shape} of {dtype}, "
+                         f"{count * dtype.itemsize} bytes, more than the file holds: truncated or corrupt)")
+
+
+def npy_header(handle: Any) -> tuple[tuple[int, ...], bool, Any]:
+    """(shape, fortran order, dtype) from the header of a ``.npy`` stream, which is left at the
+    start of the data; a ValueError for anything that is not a .npy header of version 1 or 2."""
+    from numpy.lib import format as npformat
+
+    version = npformat.read_magic(handle)
+    if version == (1, 0):
+        return npformat.read_array_header_1_0(handle)
+    if version == (2, 0):
+        return npformat.read_array_header_2_0(handle)
+    raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+
+
+def _load_npy(path: Path, source: str) -> np.ndarray:
+    """A ``.npy`` array, its header checked (a .npy, not pickled, declared size) before the data is read."""
+    import numpy as np
+    from numpy.lib import format as npformat
+
+    with open(path, "rb") as handle:
+        try:
+            shape, _, dtype = npy_header(handle)
+        except ValueError as err:
+            raise InputError(f"{source}: could not read the file (not a .npy array: {err})") from None
+        if dtype.hasobject:
+            raise InputError(f"{source}: holds pickled objects, which are never loaded; save a numeric array")
+        _check_declared(source, shape, dtype, 4, os.fstat(handle.fileno()).st_size - handle.tell())
+    return np.load(path, allow_pickle=False)
+
+
+def _load_nifti(path: Path, source: str) -> np.ndarray:
+    """NIfTI voxels as float32, the header's declared size checked before any voxel is read."""
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.load(str(path))
+    shape = tuple(int(n) for n in image.header.get_data_shape())
+    dtype = np.dtype(image.get_data_dtype())
+    size = path.stat().st_size
+    offset = int(getattr(image.dataobj, "offset", image.header.get_data_offset()))
+    if dtype.kind not in "biuf" or dtype.fields is not None:
+        raise InputError(f"{source}: expected numeric image data (integers or real numbers), got NIfTI voxels of "
+                         f"dtype {dtype}")
+    _check_declared(source, shape, dtype, 4,
+                    size * _DEFLATE_MAX_RATIO if path.name.lower().endswith(".gz") else size - offset)
+    try:
+        with np.errstate(over="raise"):
+            return np.asarray(image.get_fdata(dtype=np.float32))
+    except FloatingPointError as err:
+        raise InputError(f"{source}: the image holds values beyond the float32 range ({err})") from None
+
+
 def _to_chw(array: np.ndarray, in_channels: int, source: str) -> np.ndarray:
     """(H, W), (C, H, W) or (H, W, C) -> (C, H, W) float32 with C == ``in_channels``.
 
@@ -52,9 +127,15 @@ def _to_chw(array: np.ndarray, in_channels: int, source: str) -> np.ndarray:
         raise InputError(
             f"{source}: the model expects {in_channels} channel(s) but the image has {channels} (shape {shape})"
         )
+    if array.size == 0:
+        raise InputError(f"{source}: the image is empty (shape {array.shape})")
     if not np.isfinite(array).all():
         raise InputError(f"{source}: the image contains NaN or infinite values")
-    return np.ascontiguousarray(array, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise InputError(f"{source}: the image holds values beyond the float32 range (dtype {array.dtype})")
+    return out
 
 
 # Pillow modes a PNG can open as, and the mode its pixels are read in.
@@ -99,16 +180,19 @@ def load_image_file(path: str | os.PathLike, in_channels: int, slice_index: int 
     name = path.name.lower()
     try:
         if name.endswith(".npy"):
-            array = np.load(path, allow_pickle=False)
+            array = _load_npy(path, source)
         elif name.endswith(".png"):
+            import warnings
+
             from PIL import Image
 
-            with Image.open(path) as img:
+            with warnings.catch_warnings():  # above Pillow's MAX_IMAGE_PIXELS: refused before decoding
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(path)
+            with img:
                 array = _png_array(img)
         elif name.endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
-            array = np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))
+            array = _load_nifti(path, source)
             if array.ndim == 3 and array.shape[-1] == 1:
                 array = array[..., 0]
             elif array.ndim == 3:
@@ -123,8 +207,9 @@ def load_image_file(path: str | os.PathLike, in_channels: int, slice_index: int 
         raise
     except Exception as err:  # any reader failure: name the file, keep the reader's reason
         raise InputError(f"{source}: could not read the file ({type(err).__name__}: {err})") from None
-    if array.dtype == object or not np.issubdtype(array.dtype, np.number):
-        raise InputError(f"{source}: expected numeric image data, got dtype {array.dtype}")
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "iuf":
+        got = f"dtype {array.dtype}" if isinstance(array, np.ndarray) else type(array).__name__
+        raise InputError(f"{source}: expected numeric image data (integers or real numbers), got {got}")
     return _to_chw(array, in_channels, source)
 
 

@@ -423,8 +423,118 @@ class ArrayDataModule(MultiRaterDataModule):
         return load_npz(self.path)
 
 
+MAX_MEMBER_BYTES = 8 << 30
+"""The most bytes one array of an ``.npz`` may declare (its shape times its item size, 8 GiB):
+:func:`load_npz` reads each member's ``.npy`` header first and refuses a larger one before
+allocating anything, as it refuses one that declares more bytes than the member holds."""
+
+_NPZ_KINDS = {
+    "images": ("biuf", "real numbers"),
+    "masks": ("biuf", "integer class ids"),
+    "rater_mask": ("biuf", "booleans"),
+    "patients": ("USbiuf", "strings or integers"),
+    "ids": ("USbiuf", "strings or integers"),
+    "series": ("USbiuf", "strings or integers"),
+    "split": ("US", "strings"),
+}
+"""The arrays :func:`load_npz` reads (other members are ignored, never read) and the dtype kinds
+each may have."""
+_READ_CHUNK = 64 << 20
+_DEFLATE_MAX_RATIO = 1032
+"""No deflate stream expands by more than this factor."""
+
+
+def _npz_error(path: Path, key: str, what: str) -> ValueError:
+    return ValueError(f"{path}: {key!r} {what}")
+
+
+def _read_npz_member(path: Path, archive: Any, info: Any, key: str) -> np.ndarray:
+    """One ``.npy`` member of an open zip, its header checked before any allocation."""
+    import zipfile
+
+    from probseg.io import npy_header
+
+    kinds, wanted = _NPZ_KINDS[key]
+    with archive.open(info) as handle:
+        try:
+            shape, fortran, dtype = npy_header(handle)
+            header_end = handle.tell()
+        except Exception as err:  # bad magic, version or header; zip errors
+            raise _npz_error(path, key, f"is not a readable .npy array ({type(err).__name__}: {err})") from err
+        if dtype.hasobject:
+            raise ValueError(f"{path}: holds pickled objects, which are never loaded (in {key!r}; executing them "
+                             "could run code); store ids and patients as string arrays")
+        if dtype.kind not in kinds or dtype.fields is not None or dtype.subdtype is not None:
+            raise _npz_error(path, key, f"has dtype {dtype}; expected {wanted}")
+        if any(int(n) < 0 for n in shape):
+            raise _npz_error(path, key, f"declares the invalid shape {shape}")
+        if dtype.itemsize == 0:
+            raise _npz_error(path, key, f"has the zero-width dtype {dtype}")
+        count = 1
+        for n in shape:
+            count *= int(n)
+        declared = count * dtype.itemsize
+        if declared > MAX_MEMBER_BYTES:
+            raise _npz_error(path, key, f"declares shape {shape} of {dtype} ({declared} bytes), above the limit of "
+                                        f"{MAX_MEMBER_BYTES} bytes per array (MAX_MEMBER_BYTES); refused unread")
+        # What the member can hold: its uncompressed size as the zip records it, which a stored member's
+        # bytes and a deflated member's (at most _DEFLATE_MAX_RATIO times its compressed bytes) also bound.
+        ratio = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: _DEFLATE_MAX_RATIO}.get(info.compress_type)
+        capacity = info.file_size if ratio is None else min(info.file_size, info.compress_size * ratio)
+        available = capacity - header_end
+        if declared > available:
+            raise _npz_error(path, key, f"declares shape {shape} of {dtype} ({declared} bytes) but the member holds "
+                                        f"{max(available, 0)} bytes of data (truncated or corrupt)")
+        buffer = bytearray(declared)
+        view, done = memoryview(buffer), 0
+        try:
+            while done < declared:
+                chunk = handle.read(min(_READ_CHUNK, declared - done))
+                if not chunk:
+                    break
+                view[done : done + len(chunk)] = chunk
+                done += len(chunk)
+        except Exception as err:  # BadZipFile (CRC), zlib.error, EOFError, OSError, ...
+            raise _npz_error(path, key, f"cannot be read ({type(err).__name__}: {err})") from err
+        if done < declared:
+            raise _npz_error(path, key, f"holds {done} of the {declared} bytes its shape {shape} declares (truncated)")
+    array = np.frombuffer(buffer, dtype=dtype, count=count)
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
+def _npz_strings(path: Path, key: str, array: np.ndarray, length: int | None = None) -> list[str]:
+    """A 1-D id array as strings (bytes decoded as UTF-8), with errors naming the file and the key."""
+    if array.ndim != 1:
+        raise _npz_error(path, key, f"must be 1-D (one entry per image), got shape {array.shape}")
+    if length is not None and len(array) != length:
+        raise _npz_error(path, key, f"holds {len(array)} entries for {length} images")
+    try:
+        if array.dtype.kind == "S":
+            return [item.decode("utf-8") for item in array.tolist()]
+        return [str(item) for item in array.tolist()]
+    except (UnicodeError, ValueError, OverflowError) as err:
+        raise _npz_error(path, key, f"holds entries that are not text ({type(err).__name__}: {err})") from err
+
+
+def _to_float32(source: str | os.PathLike, key: str, array: np.ndarray) -> np.ndarray:
+    """Real image values as float32; a finite value beyond the float32 range is an error naming
+    ``source`` and ``key`` (it would become Inf). NaN and Inf are left to :meth:`MultiRaterArrays.validate`."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = array.astype(np.float32)
+    if array.dtype.kind == "f" and array.dtype.itemsize > 4:
+        finite = np.isfinite(out)
+        if not finite.all() and np.isfinite(array[~finite]).any():
+            raise ValueError(f"{source}: {key!r} holds values beyond the float32 range (dtype {array.dtype})")
+    return out
+
+
 def load_npz(path: str | os.PathLike) -> MultiRaterArrays:
-    """Read a multi-rater ``.npz`` (the :class:`ArrayDataModule` format) without unpickling."""
+    """Read a multi-rater ``.npz`` (the :class:`ArrayDataModule` format) without unpickling.
+
+    Only the known arrays are read; each member's ``.npy`` header is checked first (dtype, and a
+    declared size within :data:`MAX_MEMBER_BYTES` and within the member's bytes). Every error is
+    a ValueError (KeyError for missing arrays) that starts with the file and names the array.
+    """
     import zipfile
 
     path = Path(path)
@@ -433,34 +543,53 @@ def load_npz(path: str | os.PathLike) -> MultiRaterArrays:
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not a readable .npz file (an .npz is a zip archive of .npy arrays)")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            content = {k: data[k] for k in data.files}
-    except ValueError as err:
-        if "pickle" in str(err).lower() or "object arrays" in str(err).lower():
-            raise ValueError(f"{path}: holds pickled objects, which are never loaded (executing them could run "
-                             "code); store ids and patients as string arrays") from err
-        raise ValueError(f"{path}: a corrupt array ({err})") from err
-    except Exception as err:  # zipfile.BadZipFile, OSError, ...
-        raise ValueError(f"{path}: not a readable .npz file ({err})") from err
-    missing = [k for k in ("images", "masks") if k not in content]
-    if missing:
-        raise KeyError(f"{path}: missing arrays {missing}; found {sorted(content)}")
+        archive = zipfile.ZipFile(path)
+    except Exception as err:  # BadZipFile, OSError, NotImplementedError, ...
+        raise ValueError(f"{path}: not a readable .npz file ({type(err).__name__}: {err})") from err
+    content: dict[str, np.ndarray] = {}
+    with archive:
+        members: dict[str, Any] = {}
+        for info in archive.infolist():
+            key = info.filename[: -len(".npy")] if info.filename.endswith(".npy") else info.filename
+            if key in members:
+                raise ValueError(f"{path}: holds the array {key!r} twice")
+            members[key] = info
+        missing = [k for k in ("images", "masks") if k not in members]
+        if missing:
+            raise KeyError(f"{path}: missing arrays {missing}; found {sorted(members)}")
+        for key in _NPZ_KINDS:
+            if key in members:
+                try:
+                    content[key] = _read_npz_member(path, archive, members[key], key)
+                except ValueError:
+                    raise
+                except Exception as err:  # BadZipFile, NotImplementedError (compression), RuntimeError (password)
+                    raise _npz_error(path, key, f"cannot be read ({type(err).__name__}: {err})") from err
+    for key in ("images", "masks"):
+        shape = content[key].shape
+        if len(shape) != 4:
+            layout = "(N, C, H, W)" if key == "images" else "(N, R, H, W)"
+            raise _npz_error(path, key, f"must be {layout}, got shape {shape}")
+        if 0 in shape:
+            raise _npz_error(path, key, f"has shape {shape}, with an empty axis")
+    n = len(content["images"])
+    images = _to_float32(path, "images", content["images"])
     splits = {}
     if "split" in content:
-        split = content["split"].astype(str)
-        unknown = sorted(set(split) - set(SPLITS))
+        split = np.asarray(_npz_strings(path, "split", content["split"], n), dtype=str)
+        unknown = sorted(set(split.tolist()) - set(SPLITS))
         if unknown:
             raise ValueError(f"{path}: 'split' holds {unknown}; expected values in {SPLITS}")
         splits = {s: np.flatnonzero(split == s) for s in SPLITS}
     return MultiRaterArrays(
-        images=content["images"].astype(np.float32, copy=False),
+        images=images,
         masks=content["masks"],
         rater_mask=content["rater_mask"].astype(bool) if "rater_mask" in content else None,
-        patients=content["patients"].astype(str).tolist() if "patients" in content else None,
-        ids=content["ids"].astype(str).tolist() if "ids" in content else None,
+        patients=_npz_strings(path, "patients", content["patients"]) if "patients" in content else None,
+        ids=_npz_strings(path, "ids", content["ids"]) if "ids" in content else None,
         source=str(path),
         splits=splits,
-        series=content["series"].astype(str).tolist() if "series" in content else None,
+        series=_npz_strings(path, "series", content["series"]) if "series" in content else None,
     )
 
 

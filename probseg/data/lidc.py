@@ -135,36 +135,96 @@ def convert_lidc_pickle(inputs: Sequence[str | os.PathLike], output: str | os.Pa
     return save_npz(output, arrays)
 
 
+def _hdf5_call(path: Path, where: str, call: Any) -> Any:
+    """``call()``, with h5py's errors on a damaged file (OSError, KeyError, RuntimeError, ...) as a
+    ValueError naming the file and the object."""
+    try:
+        return call()
+    except Exception as err:
+        raise ValueError(f"{path}: {where} cannot be read ({type(err).__name__}: {err})") from err
+
+
+def _hdf5_array(path: Path, group: Any, where: str, key: str, kinds: str, wanted: str) -> np.ndarray:
+    """Dataset ``key`` of ``group`` as an array, its type and declared size checked before reading."""
+    import h5py
+
+    from probseg.data.arrays import MAX_MEMBER_BYTES
+
+    name = f"{where}/{key}"
+    obj = _hdf5_call(path, name, lambda: group[key])
+    if not isinstance(obj, h5py.Dataset):
+        raise ValueError(f"{path}: {name} is not an array ({type(obj).__name__})")
+    dtype, shape = _hdf5_call(path, name, lambda: (obj.dtype, obj.shape))
+    if shape is None:
+        raise ValueError(f"{path}: {name} is an empty (null) dataset")
+    kind = "S" if h5py.check_string_dtype(dtype) is not None else dtype.kind
+    if kind not in kinds or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(f"{path}: {name} has dtype {dtype}; expected {wanted}")
+    count = 1
+    for n in shape:
+        count *= int(n)
+    declared = count * max(dtype.itemsize, 1)
+    if declared > MAX_MEMBER_BYTES:
+        raise ValueError(f"{path}: {name} declares shape {shape} of {dtype} ({declared} bytes), above the limit of "
+                         f"{MAX_MEMBER_BYTES} bytes per array (MAX_MEMBER_BYTES); refused unread")
+    return np.asarray(_hdf5_call(path, name, lambda: obj[()]))
+
+
+def _hdf5_uids(path: Path, name: str, uids: np.ndarray, count: int) -> list[str]:
+    if uids.ndim != 1 or len(uids) != count:
+        raise ValueError(f"{path}: {name} must hold one id per image ({count}), got shape {uids.shape}")
+    try:
+        return [u.decode("utf-8") if isinstance(u, bytes) else str(u) for u in uids.tolist()]
+    except UnicodeError as err:
+        raise ValueError(f"{path}: {name} holds ids that are not UTF-8 text ({err})") from err
+
+
 def read_lidc_hdf5(path: str | os.PathLike) -> MultiRaterArrays:
-    """Read a PHiSeg-style LIDC HDF5 file; its train/val/test groups become the given splits."""
+    """Read a PHiSeg-style LIDC HDF5 file; its train/val/test groups become the given splits.
+
+    Each dataset's type and declared size are checked before it is read (at most
+    :data:`~probseg.data.arrays.MAX_MEMBER_BYTES` each); every error names the file and the
+    dataset (``group/key``).
+    """
     try:
         import h5py
     except ImportError as err:
         raise ImportError("format 'hdf5' needs h5py: pip install 'probseg[hdf5]'") from err
+    from probseg.data.arrays import _to_float32
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LIDC HDF5 file not found: {path}")
     images, masks, patients, splits = [], [], [], {}
     try:
         handle = h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(f"{path}: not a readable HDF5 file ({err})") from err
+    except Exception as err:  # OSError, and others on a damaged superblock
+        raise ValueError(f"{path}: not a readable HDF5 file ({type(err).__name__}: {err})") from err
     with handle:
-        groups = [g for g in ("train", "val", "test") if g in handle]
+        groups = _hdf5_call(path, "the root group", lambda: [g for g in ("train", "val", "test") if g in handle])
         if not groups:
-            raise KeyError(f"{path}: no train/val/test groups; found {sorted(handle)}")
+            found = _hdf5_call(path, "the root group", lambda: sorted(handle))
+            raise KeyError(f"{path}: no train/val/test groups; found {found}")
         count = 0
         for group in groups:
-            g = handle[group]
-            missing = [k for k in ("images", "labels", "uids") if k not in g]
+            g = _hdf5_call(path, f"group {group!r}", lambda: handle[group])
+            if not isinstance(g, h5py.Group):
+                raise ValueError(f"{path}: {group!r} is not a group ({type(g).__name__})")
+            missing = _hdf5_call(path, f"group {group!r}", lambda: [k for k in ("images", "labels", "uids")
+                                                                   if k not in g])
             if missing:
                 raise KeyError(f"{path}: group {group!r} lacks {missing}")
-            image, label = np.asarray(g["images"], dtype=np.float32), np.asarray(g["labels"])
-            if label.ndim != 4 or label.shape[:3] != image.shape:
+            raw = _hdf5_array(path, g, group, "images", "biuf", "real numbers")
+            label = _hdf5_array(path, g, group, "labels", "biuf", "binary rater masks")
+            if raw.ndim != 3 or 0 in raw.shape[1:]:
+                raise ValueError(f"{path}: {group}/images must be (N, H, W) with H, W > 0, got shape {raw.shape}")
+            image = _to_float32(path, f"{group}/images", raw)
+            if label.ndim != 4 or label.shape[:3] != image.shape or label.shape[3] == 0:
                 raise ValueError(f"{path}: {group}/labels {label.shape} must be (N, H, W, R) matching images {image.shape}")
             if not np.isin(label, (0, 1)).all():
                 raise ValueError(f"{path}: {group}/labels are not binary (values {np.unique(label)[:5].tolist()})")
-            uids = [u.decode() if isinstance(u, bytes) else str(u) for u in g["uids"][()]]
+            uids = _hdf5_uids(path, f"{group}/uids", _hdf5_array(path, g, group, "uids", "SUiu", "strings"),
+                              len(image))
             images.append(image[:, None])
             masks.append(np.moveaxis(label, -1, 1).astype(np.uint8))
             patients += uids
@@ -176,10 +236,15 @@ def read_lidc_hdf5(path: str | os.PathLike) -> MultiRaterArrays:
 
 
 def _read_png(path: Path, binary: bool) -> np.ndarray:
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # above Pillow's MAX_IMAGE_PIXELS: refused before decoding
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: convert("L") would saturate
                 array, scale = np.asarray(img), 65535.0
             elif img.mode in ("L", "P", "RGB", "RGBA", "LA", "1"):

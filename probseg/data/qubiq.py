@@ -254,6 +254,8 @@ class QUBIQDataModule(MultiRaterDataModule):
             raise FileNotFoundError(f"{case.folder}: case {case.name} has no image file ({' or '.join(_IMAGE_NAMES)}); "
                                     f"files present: {present}")
         raw = _read_nifti(image_path)
+        if raw.size == 0:
+            raise ValueError(f"{image_path}: image of shape {raw.shape} holds no voxels")
         image = _drop_unit_axes(raw)
         channels = self.spec.in_channels
         if self.spec.volumetric:
@@ -293,13 +295,51 @@ def _natural_key(name: str) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+_DEFLATE_MAX_RATIO = 1032
+"""No gzip (deflate) stream expands by more than this factor: a bound on what a ``.nii.gz`` can hold."""
+
+
 def _read_nifti(path: Path) -> np.ndarray:
-    """The voxels of a NIfTI file as float32, with nibabel's errors naming the file."""
+    """The voxels of a NIfTI file as float32, with nibabel's errors naming the file.
+
+    The header is checked before any voxel is read: a declared size above
+    :data:`~probseg.data.arrays.MAX_MEMBER_BYTES` (as float32), or beyond what the file can hold,
+    is refused unread.
+    """
     import nibabel as nib  # heavy import kept out of module import
 
+    from probseg.data.arrays import MAX_MEMBER_BYTES
+
     try:
-        return np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))
-    except Exception as err:  # ImageFileError, EOFError, zlib.error, OSError, ...
+        image = nib.load(str(path))
+        shape = tuple(int(n) for n in image.header.get_data_shape())
+        dtype = np.dtype(image.get_data_dtype())
+        offset = int(getattr(image.dataobj, "offset", image.header.get_data_offset()))
+    except Exception as err:  # ImageFileError, HeaderDataError, EOFError, zlib.error, OSError, ...
+        raise ValueError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from err
+    count = 1
+    for n in shape:
+        count *= n
+    if any(n < 0 for n in shape) or dtype.itemsize == 0:
+        raise ValueError(f"{path}: NIfTI header declares shape {shape} of {dtype}, which no image has")
+    if dtype.kind not in "biuf" or dtype.fields is not None:
+        raise ValueError(f"{path}: NIfTI voxels of dtype {dtype}; expected real numbers (complex and RGB voxels "
+                         "are not read)")
+    stored, loaded = count * dtype.itemsize, count * max(dtype.itemsize, 4)
+    if loaded > MAX_MEMBER_BYTES:
+        raise ValueError(f"{path}: NIfTI header declares shape {shape} of {dtype} ({loaded} bytes as float32), above "
+                         f"the limit of {MAX_MEMBER_BYTES} bytes (MAX_MEMBER_BYTES); refused unread")
+    try:
+        size = path.stat().st_size
+        capacity = size * _DEFLATE_MAX_RATIO if path.name.lower().endswith(".gz") else size - offset
+        if stored > capacity:  # refused before nibabel allocates the declared size
+            raise OSError(f"Expected {stored} bytes of voxels (shape {shape} of {dtype}), more than the file can hold "
+                          f"({size} bytes); truncated or corrupt")
+        with np.errstate(over="raise"):
+            return np.asarray(image.get_fdata(dtype=np.float32))
+    except FloatingPointError as err:
+        raise ValueError(f"{path}: NIfTI voxels beyond the float32 range ({err})") from err
+    except Exception as err:  # EOFError, zlib.error, OSError, complex data, ...
         raise ValueError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from err
 
 
