@@ -8,10 +8,11 @@ convolutions and none of the U-Net.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-CACHE_BYTES = 2 << 20
-"""Activations of one chunk of hypotheses in the CPU path (about a core's share of L2/L3)."""
+CACHE_BYTES = 4 << 20
+"""Activations of one chunk of hypotheses in the CPU path (two 128x128 hypotheses at 32 channels)."""
 
 
 class Combiner(nn.Module):
@@ -24,10 +25,10 @@ class Combiner(nn.Module):
         W [f; z] + b = W_f f + (W_z z + b)
 
     which gives the same result as tiling z and avoids S copies of the feature map in the first
-    layer. The parameters are ordinary ``nn.Conv2d`` 1x1 kernels; the forward pass applies them as
-    channels-first matrix products over the flattened pixels. On CPU the hypotheses go through the
-    layers in chunks of about :data:`CACHE_BYTES` of activations (one 128x128 hypothesis at 32
-    channels is 2 MiB): the work is memory-bound, and a chunk stays in cache between layers.
+    layer. The parameters are ordinary ``nn.Conv2d`` 1x1 kernels. On GPUs the forward pass applies
+    them as channels-first matrix products over the flattened pixels, every hypothesis at once; on
+    CPU as 1x1 convolutions over chunks of hypotheses of about :data:`CACHE_BYTES` of activations,
+    so that a chunk stays in cache between layers (the work is memory-bound).
 
     Args:
         feature_channels: channels of the U-Net feature map.
@@ -71,27 +72,44 @@ class Combiner(nn.Module):
                 f"expected z of shape (B, {self.latent_dim}) or (B, S, {self.latent_dim}) with "
                 f"B={features.shape[0]}, got {tuple(z.shape)}"
             )
+        first = self.convs[0]
+        w_feat, w_z = first.weight[:, : self.feature_channels], first.weight.flatten(1)[:, self.feature_channels :]
+        path = self._chunked if features.device.type == "cpu" else self._batched
+        logits = path(features, z, w_feat, w_z)
+        return logits if per_sample else logits.squeeze(1)
+
+    def _batched(self, features: torch.Tensor, z: torch.Tensor, w_feat: torch.Tensor,
+                 w_z: torch.Tensor) -> torch.Tensor:
+        """The GPU path: channels-first matrix products over the flattened pixels, (out, F) @ (F, HW)
+        once per image, then per hypothesis a bias and the remaining layers, every hypothesis in
+        one batch; each layer's output is already in the (K, H, W) layout of the logits."""
+        b, _, h, w = features.shape
+        feat = torch.matmul(w_feat.flatten(1), features.flatten(2))  # (B, out, HW)
+        bias = z @ w_z.T + self.convs[0].bias  # (B, S, out)
+        x = self._head((feat.unsqueeze(1) + bias[..., None]).flatten(0, 1))
+        return x.view(b, z.shape[1], -1, h, w)
+
+    def _chunked(self, features: torch.Tensor, z: torch.Tensor, w_feat: torch.Tensor,
+                 w_z: torch.Tensor) -> torch.Tensor:
+        """The CPU path: 1x1 convolutions (oneDNN) on chunks of hypotheses of about
+        :data:`CACHE_BYTES` of activations. The work is memory-bound, and a chunk stays in cache
+        between layers. (No MKL matrix products here: alternating MKL's thread pool with the
+        convolutions' costs more than the products themselves on a few cores.)"""
         b, _, h, w = features.shape
         s = z.shape[1]
-        first = self.convs[0]
-        weight = first.weight.flatten(1)  # (out, F + L)
-        w_feat, w_z = weight[:, : self.feature_channels], weight[:, self.feature_channels :]
-        # Channels-first matrix products over the flattened pixels: (out, F) @ (F, HW) once per
-        # image, then per hypothesis a bias and the remaining layers; each layer's output is
-        # already in the (K, H, W) layout of the logits, so nothing is permuted.
-        feat = torch.matmul(w_feat, features.flatten(2))  # (B, out, HW)
-        bias = z @ w_z.T + first.bias  # (B, S, out)
+        feat = F.conv2d(features, w_feat)  # (B, out, H, W), once per image
+        bias = (z[..., None] * w_z.T).sum(-2) + self.convs[0].bias  # (B, S, out), without a matmul
         per_hypothesis = feat.shape[1] * h * w * feat.element_size()
-        if features.device.type != "cpu" or b * s * per_hypothesis <= CACHE_BYTES:
-            x = self._head((feat.unsqueeze(1) + bias[..., None]).flatten(0, 1))
-        else:
-            # On CPU the S hypotheses of an image are memory-bound: in chunks whose intermediates
-            # stay in cache, instead of one (B, S, out, H, W) tensor streamed through memory per layer.
-            chunk = max(1, CACHE_BYTES // per_hypothesis)
-            x = torch.cat([self._head(feat[i].unsqueeze(0) + bias[i, j : j + chunk, :, None])
-                           for i in range(b) for j in range(0, s, chunk)])
-        logits = x.view(b, s, -1, h, w)
-        return logits if per_sample else logits.squeeze(1)
+        chunk = max(1, CACHE_BYTES // per_hypothesis)
+        pieces = []
+        for i in range(b):
+            for j in range(0, s, chunk):
+                x = feat[i].unsqueeze(0) + bias[i, j : j + chunk, :, None, None]
+                for conv in self.convs[1:]:
+                    # In place is safe: neither the add nor the convolution needs its own output for backward.
+                    x = F.conv2d(torch.relu_(x), conv.weight, conv.bias)
+                pieces.append(x)
+        return torch.cat(pieces).contiguous().view(b, s, -1, h, w)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """(N, out, HW) first-layer pre-activations -> (N, K, HW) logits."""

@@ -147,3 +147,27 @@ def test_combiner_chunked_cpu_path_equals_naive_tiling_with_gradients(cache_byte
     ref = torch.autograd.grad(expected.sin().sum(), [features, z, *comb.parameters()])
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_combiner_batched_gpu_path_equals_naive_tiling_with_gradients() -> None:
+    """The path other devices take (every hypothesis in one batch of channels-first matrix
+    products), run on CPU tensors: the naive combiner, forward and backward, in float64."""
+    comb = _combiner(4, 8).double()
+    torch.manual_seed(4)
+    features = torch.randn(3, 4, 5, 7, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(3, 5, 3, dtype=torch.float64, requires_grad=True)
+    first = comb.convs[0]
+    out = comb._batched(features, z, first.weight[:, :4], first.weight.flatten(1)[:, 4:])
+    expected = naive_fcomb_set(comb, features, z)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.sin().sum(), [features, z, *comb.parameters()])
+    ref = torch.autograd.grad(expected.sin().sum(), [features, z, *comb.parameters()])
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_combiner_accepts_channels_last_features() -> None:
+    comb = _combiner(4, None)
+    features = torch.randn(2, 4, 6, 5).contiguous(memory_format=torch.channels_last)
+    z = torch.randn(2, 3, 3)
+    torch.testing.assert_close(comb(features, z), comb(features.contiguous(), z))
