@@ -91,20 +91,26 @@ class Combiner(nn.Module):
 
     def _chunked(self, features: torch.Tensor, z: torch.Tensor, w_feat: torch.Tensor,
                  w_z: torch.Tensor) -> torch.Tensor:
-        """The CPU path: 1x1 convolutions (oneDNN) on chunks of hypotheses of about
-        :data:`CACHE_BYTES` of activations. The work is memory-bound, and a chunk stays in cache
-        between layers. (No MKL matrix products here: alternating MKL's thread pool with the
-        convolutions' costs more than the products themselves on a few cores.)"""
+        """The CPU path: chunks of hypotheses of about :data:`CACHE_BYTES` of activations, so a
+        chunk stays in cache between layers (the work is memory-bound); the layers as 1x1
+        convolutions (oneDNN), or with one thread as batched matrix products (MKL). Mixing MKL's
+        thread pool with the convolutions' costs more than the products on a few cores."""
         b, _, h, w = features.shape
         s = z.shape[1]
         feat = F.conv2d(features, w_feat)  # (B, out, H, W), once per image
         bias = (z[..., None] * w_z.T).sum(-2) + self.convs[0].bias  # (B, S, out), without a matmul
         per_hypothesis = feat.shape[1] * h * w * feat.element_size()
         chunk = max(1, CACHE_BYTES // per_hypothesis)
+        # One thread: MKL's batched products are the fastest head. Several: oneDNN's convolutions,
+        # since MKL's thread pool and oneDNN's would take turns spinning on the same cores.
+        products = torch.get_num_threads() == 1
         pieces = []
         for i in range(b):
             for j in range(0, s, chunk):
                 x = feat[i].unsqueeze(0) + bias[i, j : j + chunk, :, None, None]
+                if products:
+                    pieces.append(self._head(x.flatten(2)).view(x.shape[0], -1, h, w))
+                    continue
                 for conv in self.convs[1:]:
                     # In place is safe: neither the add nor the convolution needs its own output for backward.
                     x = F.conv2d(torch.relu_(x), conv.weight, conv.bias)

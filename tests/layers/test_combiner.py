@@ -128,14 +128,16 @@ def test_combiner_bad_shapes_are_clear_value_errors(
         comb(torch.randn(features_shape), torch.randn(z_shape))
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # the products' head and the convolutions' head
 @pytest.mark.parametrize("cache_bytes", [1, 3 * 8 * 35 * 8])  # 1 and 3 hypotheses (8 channels x 35 pixels) per chunk
-def test_combiner_chunked_cpu_path_equals_naive_tiling_with_gradients(cache_bytes: int,
+def test_combiner_chunked_cpu_path_equals_naive_tiling_with_gradients(cache_bytes: int, threads: int,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU path that sends the hypotheses through the layers in cache-sized chunks (S = 5 is
     not a multiple of 3) computes the naive combiner, forward and backward, in float64."""
     import probseg.layers.combiner as module
 
     monkeypatch.setattr(module, "CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr(module.torch, "get_num_threads", lambda: threads)
     comb = _combiner(4, 8).double()
     torch.manual_seed(3)
     features = torch.randn(3, 4, 5, 7, dtype=torch.float64, requires_grad=True)
