@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CACHE_BYTES = 4 << 20
-"""Activations of one chunk of hypotheses in the CPU path (two 128x128 hypotheses at 32 channels)."""
+CACHE_BYTES = 2 << 20
+"""Activations of one chunk of hypotheses in the CPU path, per thread (one 128x128 hypothesis at 32
+channels; the best chunk measured at 1 and 2 threads)."""
 
 
 class Combiner(nn.Module):
@@ -27,7 +28,7 @@ class Combiner(nn.Module):
     which gives the same result as tiling z and avoids S copies of the feature map in the first
     layer. The parameters are ordinary ``nn.Conv2d`` 1x1 kernels. On GPUs the forward pass applies
     them as channels-first matrix products over the flattened pixels, every hypothesis at once; on
-    CPU as 1x1 convolutions over chunks of hypotheses of about :data:`CACHE_BYTES` of activations,
+    CPU over chunks of hypotheses of about :data:`CACHE_BYTES` of activations per thread,
     so that a chunk stays in cache between layers (the work is memory-bound).
 
     Args:
@@ -91,7 +92,7 @@ class Combiner(nn.Module):
 
     def _chunked(self, features: torch.Tensor, z: torch.Tensor, w_feat: torch.Tensor,
                  w_z: torch.Tensor) -> torch.Tensor:
-        """The CPU path: chunks of hypotheses of about :data:`CACHE_BYTES` of activations, so a
+        """The CPU path: chunks of hypotheses of about :data:`CACHE_BYTES` of activations per thread, so a
         chunk stays in cache between layers (the work is memory-bound); the layers as 1x1
         convolutions (oneDNN), or with one thread as batched matrix products (MKL). Mixing MKL's
         thread pool with the convolutions' costs more than the products on a few cores."""
@@ -100,7 +101,7 @@ class Combiner(nn.Module):
         feat = F.conv2d(features, w_feat)  # (B, out, H, W), once per image
         bias = (z[..., None] * w_z.T).sum(-2) + self.convs[0].bias  # (B, S, out), without a matmul
         per_hypothesis = feat.shape[1] * h * w * feat.element_size()
-        chunk = max(1, CACHE_BYTES // per_hypothesis)
+        chunk = max(1, CACHE_BYTES * torch.get_num_threads() // per_hypothesis)
         # One thread: MKL's batched products are the fastest head. Several: oneDNN's convolutions,
         # since MKL's thread pool and oneDNN's would take turns spinning on the same cores.
         products = torch.get_num_threads() == 1

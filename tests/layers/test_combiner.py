@@ -136,7 +136,7 @@ def test_combiner_chunked_cpu_path_equals_naive_tiling_with_gradients(cache_byte
     not a multiple of 3) computes the naive combiner, forward and backward, in float64."""
     import probseg.layers.combiner as module
 
-    monkeypatch.setattr(module, "CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr(module, "CACHE_BYTES", cache_bytes // threads)
     monkeypatch.setattr(module.torch, "get_num_threads", lambda: threads)
     comb = _combiner(4, 8).double()
     torch.manual_seed(3)
