@@ -100,7 +100,7 @@ def collect_inputs(args: argparse.Namespace, in_channels: int) -> list[SampleInp
     keys = unique_keys([item.key for item in items])
     for item, key in zip(items, keys):
         if key != item.key:
-            print(f"probseg sample: {item.source} is written as {key} ({item.key} is taken)", file=sys.stderr)
+            print(printable(f"probseg sample: {item.source} is written as {key} ({item.key} is taken)"), file=sys.stderr)
     return [item._replace(key=key) for item, key in zip(items, keys)]
 
 
@@ -192,15 +192,21 @@ def run(args: argparse.Namespace) -> list[Path]:
     return written
 
 
+def printable(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (the surrogates Python gives to non-UTF-8 bytes in file
+    names) written as backslash escapes, so printing it never fails."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         written = run(args)
     except (FileNotFoundError, InputError, SamplingError, IndexError, KeyError, ValueError) as err:
         message = err.args[0] if isinstance(err, (KeyError, IndexError)) and err.args else err
-        print(f"probseg sample: error: {message}", file=sys.stderr)
+        print(printable(f"probseg sample: error: {message}"), file=sys.stderr)
         return 1
-    print(f"probseg sample: wrote {len(written)} files to {args.out}")
+    print(printable(f"probseg sample: wrote {len(written)} files to {args.out}"))
     for path in written:
-        print(f"  {path}")
+        print(printable(f"  {path}"))
     return 0

@@ -450,3 +450,17 @@ def test_sample_help_does_not_import_torch(capsys: pytest.CaptureFixture[str]) -
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert "--device" in result.stdout
     assert result.stderr.split() == ["False", "False"]
+
+
+def test_messages_with_non_utf8_file_names_print_under_a_strict_utf8_stream() -> None:
+    import io
+
+    from probseg.sampling import printable
+
+    name = b"scan-\xe9.npy".decode("utf-8", "surrogateescape")  # how Python names a Latin-1 file
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    with pytest.raises(UnicodeEncodeError):
+        print(f"  {name}", file=stream)
+    print(printable(f"  {name}"), file=stream)
+    stream.flush()
+    assert stream.buffer.getvalue() == b"  scan-\\udce9.npy\n"
