@@ -128,6 +128,22 @@ def test_combiner_bad_shapes_are_clear_value_errors(
         comb(torch.randn(features_shape), torch.randn(z_shape))
 
 
+def _assert_naive_with_gradients(run, seed: int) -> None:
+    """``run(comb, features, z)`` equals the naive combiner on a latent set (S = 5), forward and
+    backward (inputs and every parameter), in float64."""
+    comb = _combiner(4, 8).double()
+    torch.manual_seed(seed)
+    features = torch.randn(3, 4, 5, 7, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(3, 5, 3, dtype=torch.float64, requires_grad=True)
+    out = run(comb, features, z)
+    expected = naive_fcomb_set(comb, features, z)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.sin().sum(), [features, z, *comb.parameters()])
+    ref = torch.autograd.grad(expected.sin().sum(), [features, z, *comb.parameters()])
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("threads", [1, 2])  # the products' head and the convolutions' head
 @pytest.mark.parametrize("cache_bytes", [1, 3 * 8 * 35 * 8])  # 1 and 3 hypotheses (8 channels x 35 pixels) per chunk
 def test_combiner_chunked_cpu_path_equals_naive_tiling_with_gradients(cache_bytes: int, threads: int,
@@ -138,34 +154,17 @@ def test_combiner_chunked_cpu_path_equals_naive_tiling_with_gradients(cache_byte
 
     monkeypatch.setattr(module, "CACHE_BYTES", cache_bytes // threads)
     monkeypatch.setattr(module.torch, "get_num_threads", lambda: threads)
-    comb = _combiner(4, 8).double()
-    torch.manual_seed(3)
-    features = torch.randn(3, 4, 5, 7, dtype=torch.float64, requires_grad=True)
-    z = torch.randn(3, 5, 3, dtype=torch.float64, requires_grad=True)
-    out = comb(features, z)
-    expected = naive_fcomb_set(comb, features, z)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    grads = torch.autograd.grad(out.sin().sum(), [features, z, *comb.parameters()])
-    ref = torch.autograd.grad(expected.sin().sum(), [features, z, *comb.parameters()])
-    for g, r in zip(grads, ref):
-        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    _assert_naive_with_gradients(lambda comb, features, z: comb(features, z), seed=3)
 
 
 def test_combiner_batched_gpu_path_equals_naive_tiling_with_gradients() -> None:
     """The path other devices take (every hypothesis in one batch of channels-first matrix
     products), run on CPU tensors: the naive combiner, forward and backward, in float64."""
-    comb = _combiner(4, 8).double()
-    torch.manual_seed(4)
-    features = torch.randn(3, 4, 5, 7, dtype=torch.float64, requires_grad=True)
-    z = torch.randn(3, 5, 3, dtype=torch.float64, requires_grad=True)
-    first = comb.convs[0]
-    out = comb._batched(features, z, first.weight[:, :4], first.weight.flatten(1)[:, 4:])
-    expected = naive_fcomb_set(comb, features, z)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    grads = torch.autograd.grad(out.sin().sum(), [features, z, *comb.parameters()])
-    ref = torch.autograd.grad(expected.sin().sum(), [features, z, *comb.parameters()])
-    for g, r in zip(grads, ref):
-        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    def batched(comb: Combiner, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        first = comb.convs[0]
+        return comb._batched(features, z, first.weight[:, :4], first.weight.flatten(1)[:, 4:])
+
+    _assert_naive_with_gradients(batched, seed=4)
 
 
 def test_combiner_accepts_channels_last_features() -> None:

@@ -210,6 +210,22 @@ def test_ce_matches_pixel_loop(eps: float) -> None:
     got = _cost(p, target, "ce", dtype=torch.float64, **kw)
     np.testing.assert_allclose(got, ref_cost(p, target, "ce", eps=eps), rtol=1e-5, atol=1e-6)
     assert got[0, 0, 0] == 0.0
+    # The path GPUs take (one window and one batched product for the batch), run on CPU tensors.
+    batched = kernels_module._cross_entropy_cost(torch.as_tensor(p), torch.as_tensor(target), eps, cpu_path=False)
+    np.testing.assert_allclose(batched.double().numpy(), got, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_overlap_paths_match_per_pair_counts(packed: bool) -> None:
+    """Both ways of counting intersections (popcount of packed bits, the CPU default; matrix
+    products, the GPU path) against per-pair numpy counts."""
+    if packed and not hasattr(np, "bitwise_count"):
+        pytest.skip("numpy < 2 has no bitwise_count")
+    pred, target = _sets(9, b=3, s=5, r=3, h=21, w=70)  # 21 x 70 = 1470 pixels: not a multiple of 64
+    p, t = torch.as_tensor(pred), torch.as_tensor(target)
+    got = kernels_module._overlap_costs(p, t, foreground_windows(p, t), ["iou", "dice"], packed=packed)
+    for kernel in ("iou", "dice"):
+        np.testing.assert_allclose(got[kernel].double().numpy(), ref_cost(pred, target, kernel), atol=1e-6)
 
 
 def test_ce_empty_target_with_nonzero_probability_is_not_zero() -> None:

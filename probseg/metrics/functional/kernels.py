@@ -277,12 +277,16 @@ def _pack(masks: np.ndarray) -> np.ndarray:
 
 
 def _overlap_costs(
-    pred: torch.Tensor, target: torch.Tensor, windows: list[tuple[int, int, int, int] | None], kernels: list[str]
+    pred: torch.Tensor, target: torch.Tensor, windows: list[tuple[int, int, int, int] | None], kernels: list[str],
+    packed: bool | None = None,
 ) -> dict[str, torch.Tensor]:
+    """``packed`` None: popcount of packed bits on CPU tensors (numpy >= 2), matrix products elsewhere."""
     b, s, r = pred.shape[0], pred.shape[1], target.shape[1]
     if all(w is None for w in windows):
         return {k: torch.zeros(b, s, r, device=pred.device) for k in kernels}
-    if pred.device.type == "cpu" and hasattr(np, "bitwise_count"):  # numpy >= 2: popcount of packed bits
+    if packed is None:
+        packed = pred.device.type == "cpu" and hasattr(np, "bitwise_count")
+    if packed:
         inter, size_p, size_t = (torch.from_numpy(a).double() for a in _packed_counts(pred, target, windows))
     else:  # one matrix product per image: the fast path on GPUs
         p, t = (_common_crop(x, windows).flatten(2) for x in (pred, target))
@@ -303,7 +307,10 @@ def _overlap_costs(
     return out
 
 
-def _cross_entropy_cost(pred: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+def _cross_entropy_cost(pred: torch.Tensor, target: torch.Tensor, eps: float,
+                        cpu_path: bool | None = None) -> torch.Tensor:
+    """(B, S, R) mean binary cross-entropies; ``cpu_path`` None picks the chunked per-image path on
+    CPU tensors and the batched one elsewhere."""
     if not 0 < eps < 0.5:
         raise ValueError(f"eps must be in (0, 0.5), got {eps}")
     p = pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred
@@ -315,11 +322,12 @@ def _cross_entropy_cost(pred: torch.Tensor, target: torch.Tensor, eps: float) ->
     # images go in chunks of about a megabyte, so the passes over a chunk run in cache.
     windows = foreground_windows(target)
     per_image = s * h * w
-    step = max(1, _CE_CHUNK_ELEMENTS // per_image) if p.device.type == "cpu" else b
+    cpu = p.device.type == "cpu" if cpu_path is None else cpu_path
+    step = max(1, _CE_CHUNK_ELEMENTS // per_image) if cpu else b
     log_lik = torch.zeros(b, s, target.shape[1], dtype=wide, device=p.device)
     for i in range(0, b, step):
         clamped = p[i : i + step].clamp(eps, 1 - eps)
-        log_lik[i : i + step] += _marked_logit_sums(clamped, target[i : i + step], windows[i : i + step])
+        log_lik[i : i + step] += _marked_logit_sums(clamped, target[i : i + step], windows[i : i + step], cpu)
         log_lik[i : i + step] += clamped.neg_().log1p_().sum((-2, -1)).to(wide)[:, :, None]
     cost = -log_lik / (h * w)
     both_empty = (p.flatten(2).sum(-1) == 0)[:, :, None] & (target.flatten(2).sum(-1) == 0)[:, None, :]
@@ -331,14 +339,14 @@ _CE_CHUNK_ELEMENTS = 1 << 18
 
 
 def _marked_logit_sums(clamped: torch.Tensor, target: torch.Tensor,
-                       windows: list[tuple[int, int, int, int] | None]) -> torch.Tensor:
+                       windows: list[tuple[int, int, int, int] | None], per_image: bool) -> torch.Tensor:
     """(b, S, R) sums of logit(p) over each rater's marked pixels, on the raters' boxes: per image
-    on CPU, one window for the batch elsewhere (one batched product)."""
+    (the CPU path), or one window for the batch and one batched product."""
     b, s = clamped.shape[:2]
     out = torch.zeros(b, s, target.shape[1], dtype=accumulation_dtype(clamped.device), device=clamped.device)
     if all(box is None for box in windows):
         return out
-    if clamped.device.type == "cpu":
+    if per_image:
         for j, box in enumerate(windows):
             if box is not None:
                 r0, r1, c0, c1 = box
