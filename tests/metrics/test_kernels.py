@@ -164,14 +164,23 @@ def test_hausdorff_torch_path_matches_scipy(seed: int, h: int, w: int) -> None:
         np.testing.assert_allclose(got, expect, rtol=1e-6, atol=ATOL, err_msg=path)
 
 
-def test_foreground_windows_are_the_bounding_boxes() -> None:
+@pytest.mark.parametrize("h, w, layout", [(15, 21, "contiguous"), (16, 24, "contiguous"), (16, 24, "transposed"),
+                                          (16, 24, "uint8")])
+def test_foreground_windows_are_the_bounding_boxes(h: int, w: int, layout: str) -> None:
     """(row0, row1, col0, col1), end exclusive, of the union of every mask of both sets (np.argwhere);
-    None without foreground."""
-    pred, target = _sets(12, b=4, s=2, r=3, h=15, w=21)
+    None without foreground. Sizes with H * W a multiple of 8 take the packed-word union; odd sizes,
+    non-contiguous and integer masks the plain one."""
+    pred, target = _sets(12, b=4, s=2, r=3, h=h, w=w)
     pred[2], target[2] = False, False
     pred[3], target[3] = False, False
     pred[3, 1, 4, 7] = True
-    got = foreground_windows(torch.as_tensor(pred), torch.as_tensor(target))
+    p, t = torch.as_tensor(pred), torch.as_tensor(target)
+    if layout == "transposed":  # same masks, a non-contiguous (B, N, H, W) view
+        p = p.transpose(2, 3).contiguous().transpose(2, 3)
+        t = t.transpose(2, 3).contiguous().transpose(2, 3)
+    elif layout == "uint8":
+        p, t = p.to(torch.uint8), t.to(torch.uint8)
+    got = foreground_windows(p, t)
     for i in range(4):
         pts = np.argwhere(np.concatenate([pred[i], target[i]]).any(axis=0))
         if len(pts) == 0:
@@ -480,3 +489,14 @@ def test_hausdorff_empty_rule_is_checked() -> None:
     m = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match="hausdorff_empty must be one of"):
         pairwise_cost(m, m, "hausdorff", hausdorff_empty="inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8])
+def test_a_set_against_itself_is_packed_once_and_equals_the_brute_force(dtype: torch.dtype) -> None:
+    """GED's within-set terms pass one tensor as both sets (packed once); the costs equal the
+    per-pair reference and the two-tensor call."""
+    pred, _ = _sets(5, b=3, s=5, r=2, h=17, w=23)
+    x = torch.as_tensor(pred).to(dtype)
+    same = pairwise_cost(x, x, "iou")
+    np.testing.assert_allclose(same.numpy(), ref_cost(pred, pred, "iou"), rtol=1e-6, atol=ATOL)
+    np.testing.assert_array_equal(same.numpy(), pairwise_cost(x, x.clone(), "iou").numpy())
