@@ -20,6 +20,34 @@ def one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.f
     return torch.nn.functional.one_hot(labels.long(), num_classes).movedim(-1, -3).to(dtype)
 
 
+def foreground_overlap(a: torch.Tensor, b: torch.Tensor, num_classes: int,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Overlap counts of two class-id maps, one-vs-rest per foreground class 1..K-1: the sums
+    behind :func:`foreground_dice`, kept apart so they can be pooled over images.
+
+    Args:
+        a, b: (..., N) integer class ids, broadcastable against each other.
+        num_classes: K.
+        dtype: of the counts.
+
+    Returns:
+        (..., K-1, 2): per foreground class, the intersection |a = c and b = c| and the total
+        |a = c| + |b = c|.
+    """
+    counts = []
+    for c in range(1, num_classes):
+        a_c, b_c = a == c, b == c
+        counts.append(torch.stack([(a_c & b_c).sum(-1), a_c.sum(-1) + b_c.sum(-1)], dim=-1).to(dtype))
+    return torch.stack(counts, dim=-2)
+
+
+def dice_from_overlap(counts: torch.Tensor) -> torch.Tensor:
+    """(..., K-1, 2) counts of :func:`foreground_overlap` -> (...) Dice 2 |A and B| / (|A| + |B|)
+    per foreground class (a class empty in both scores 1), averaged over the classes."""
+    inter, total = counts.unbind(-1)
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total)).mean(-1)
+
+
 def foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dice of two class-id maps, one-vs-rest per foreground class 1..K-1 (a class empty in both
     scores 1), averaged over those classes.
@@ -32,13 +60,7 @@ def foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int, dtype: t
     Returns:
         (...) Dice values in [0, 1].
     """
-    scores = []
-    for c in range(1, num_classes):
-        a_c, b_c = a == c, b == c
-        inter = (a_c & b_c).sum(-1).to(dtype)
-        total = (a_c.sum(-1) + b_c.sum(-1)).to(dtype)
-        scores.append(torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total)))
-    return torch.stack(scores).mean(0)
+    return dice_from_overlap(foreground_overlap(a, b, num_classes, dtype))
 
 
 def majority_vote(

@@ -4,7 +4,9 @@ layout gathered from several runs (``probseg results``).
 A run's ``test_results.csv`` has one row per source (the model; for data with a known rater
 distribution the ``oracle``; for a distilled student its ``teacher`` and ``teacher_kde``), with columns ``model``, ``dataset``, ``source``, ``num_images``,
 ``num_samples`` and ``<metric>_mean`` / ``<metric>_std`` (mean and sample standard deviation
-over images) for every metric of :data:`probseg.metrics.METRIC_NAMES` that was measured.
+over images) for every metric of :data:`probseg.metrics.METRIC_NAMES` that was measured, and one
+column per dataset-pooled value (:data:`probseg.metrics.POOLED_NAMES`, e.g. ``ece_pooled``: the
+ECE of all pixels of the row's images together), placed next to its per-image metric.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import csv
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from probseg.metrics.hypotheses import METRIC_NAMES
+
+POOLED_SUFFIX = "_pooled"
+"""A results column ``<metric>_pooled`` holds one dataset-pooled value (no mean or std)."""
 
 TABLE1_COLUMNS = {"hm_iou": "1 - IoU", "hm_dice": "1 - Dice", "hm_hausdorff": "Hausdorff", "hm_ce": "CE", "gini": "Gini"}
 """Table 1 of Valiuddin et al.: the empirical Wasserstein metric per kernel and the Gini index."""
@@ -50,16 +55,28 @@ def subset_mask(raters_marking: torch.Tensor, subset: str) -> torch.Tensor:
     return raters_marking > 0 if subset == "any_rater" else raters_marking >= 1
 
 
-def subset_rows(common: dict, values: dict[str, torch.Tensor], raters_marking: torch.Tensor) -> list[dict]:
+Pooling = Callable[[torch.Tensor], dict[str, float]]
+"""The dataset-pooled values (``{"ece_pooled": ...}``) of the images an (N,) bool mask keeps."""
+
+
+def subset_rows(common: dict, values: dict[str, torch.Tensor], raters_marking: torch.Tensor,
+                pooled: Pooling | None = None) -> list[dict]:
     """One results row per subset of :data:`SUBSETS` from per-image values (aligned with
-    ``raters_marking``); a subset without images is left out."""
+    ``raters_marking``); a subset without images is left out.
+
+    Args:
+        common: the cells every row shares (model, dataset, source, ...).
+        values: (N,) per-image values per metric.
+        raters_marking: (N,) fraction of each image's raters that mark a structure.
+        pooled: the pooled values of a subset's images, added to its row (None: none).
+    """
     rows = []
     for subset in SUBSETS:
         keep = subset_mask(raters_marking, subset)
         if not bool(keep.any()):
             continue
         row = {**common, "subset": subset, "num_images": int(keep.sum()),
-               **summarize({name: v[keep] for name, v in values.items()})}
+               **summarize({name: v[keep] for name, v in values.items()}), **(pooled(keep) if pooled else {})}
         if subset == "all":
             row["all_empty_fraction"] = float((raters_marking == 0).double().mean())
         rows.append(row)
@@ -83,12 +100,21 @@ def summarize(values: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def _metric_names(rows: Sequence[dict]) -> list[str]:
+    """The metric columns of ``rows`` in table order, each pooled value right after its metric."""
     present = {key[: -len("_mean")] for row in rows for key in row if key.endswith("_mean")}
-    return [name for name in METRIC_NAMES if name in present] + sorted(present - set(METRIC_NAMES))
+    pooled = {key for row in rows for key in row if key.endswith(POOLED_SUFFIX)}
+    names = [name for name in METRIC_NAMES if name in present] + sorted(present - set(METRIC_NAMES))
+    ordered = []
+    for name in names:
+        ordered += [name] + ([name + POOLED_SUFFIX] if name + POOLED_SUFFIX in pooled else [])
+    return ordered + sorted(pooled - set(ordered))
 
 
 def _cell(row: dict, name: str, digits: int = 3) -> str:
-    mean, std = row.get(f"{name}_mean"), row.get(f"{name}_std")
+    if name.endswith(POOLED_SUFFIX):  # one value, no spread over images
+        mean, std = row.get(name), None
+    else:
+        mean, std = row.get(f"{name}_mean"), row.get(f"{name}_std")
     if mean in (None, "") or (isinstance(mean, float) and math.isnan(mean)):
         return "-"
     mean = float(mean)
@@ -130,7 +156,7 @@ def write_results(directory: str | os.PathLike, rows: Sequence[dict], per_image:
     metrics = _metric_names(rows)
     fields = ["model", "dataset", "source", "subset", "num_images", "num_samples", "all_empty_fraction",
               "conventions"]
-    fields += [f"{m}_{stat}" for m in metrics for stat in ("mean", "std")]
+    fields += [f for m in metrics for f in ([m] if m.endswith(POOLED_SUFFIX) else [f"{m}_mean", f"{m}_std"])]
     fields += [f"{m}_undefined" for m in metrics if any(f"{m}_undefined" in row for row in rows)]
     csv_path = directory / RESULTS_FILE
     with csv_path.open("w", newline="") as fh:
@@ -161,7 +187,7 @@ def read_results(path: str | os.PathLike) -> list[dict]:
         raise ValueError(f"{path} is not a probseg results file (no 'model' column)")
     for row in rows:
         for key, value in row.items():
-            if key.endswith(("_mean", "_std", "_undefined")) or key in ("num_images", "num_samples",
+            if key.endswith(("_mean", "_std", "_undefined", POOLED_SUFFIX)) or key in ("num_images", "num_samples",
                                                                           "all_empty_fraction"):
                 row[key] = float(value) if value not in ("", None) else math.nan
                 if key in ("num_images", "num_samples") and not math.isnan(row[key]):

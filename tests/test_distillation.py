@@ -271,6 +271,7 @@ def test_teacher_then_student_through_the_cli(tmp_path: Path) -> None:
         ("punet+kd", "model"), ("punet+kd", "oracle"), ("punet+kd", "teacher"), ("punet+kd", "teacher_kde")]
     kde = rows[3]
     assert 0 <= kde["ece_mean"] <= 1 and 0 <= kde["dice_mean"] <= 1 and math.isnan(kde["hm_iou_mean"])
+    assert 0 <= kde["ece_pooled"] <= 1 and 0 <= kde["dice_pooled"] <= 1  # the calibrated teacher's, pooled
     markdown = (tmp_path / "student" / "run" / "results" / "test_results.md").read_text()
     assert "punet+kd: teacher + KDE" in markdown
 

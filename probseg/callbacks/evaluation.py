@@ -18,7 +18,8 @@ from lightning.pytorch.callbacks import Callback
 from probseg.metrics import HypothesisMetrics, MeanPredictionMetrics, RaterCoverage
 from probseg.metrics.base import NO_INDEX
 from probseg.metrics.functional import CE_READINGS, GINI_OF, KERNELS, MATCHINGS, check_hausdorff_empty, check_kernels
-from probseg.results import SUBSETS, conventions_label, subset_rows, summarize, write_results
+from probseg.metrics.base import PerImageMetric
+from probseg.results import SUBSETS, Pooling, conventions_label, subset_rows, summarize, write_results
 
 
 def per_image_generators(index: torch.Tensor, seed: int, device: torch.device) -> list[torch.Generator]:
@@ -54,6 +55,17 @@ def evaluated_split(trainer: pl.Trainer, stage: str) -> Any:
     return datasets[stage] if len(loaders) == 1 and getattr(loaders[0], "dataset", None) is datasets[stage] else None
 
 
+def subset_pooling(metric: PerImageMetric, statistics: dict[str, torch.Tensor]) -> Pooling:
+    """The pooled values of any subset of a metric's images, from its gathered per-image
+    statistics (aligned with its per-image values): for the results tables' rows."""
+
+    def pooled(keep: torch.Tensor) -> dict[str, float]:
+        kept = {name: s[keep.to(s.device)] for name, s in statistics.items()}
+        return {name: float(value) for name, value in metric.pool(kept).items()}
+
+    return pooled
+
+
 def dataset_name(datamodule: Any) -> str:
     """A short dataset label for tables: ``SyntheticDataModule`` -> ``synthetic``."""
     if datamodule is None:
@@ -67,7 +79,10 @@ class EvaluationCallback(Callback):
 
     Logged keys (``stage`` = val or test): ``hm_iou``, ``hm_dice``, ``hm_hausdorff``, ``hm_ce``
     (Hungarian-matched empirical Wasserstein metric per kernel), ``ged``, ``diversity``, ``ece``,
-    ``bdice`` and ``gini`` (prior singular values; models with a latent prior). When the data
+    ``dice``, ``bdice`` (means over images), ``ece_pooled`` and ``dice_pooled`` (pooled over
+    every pixel of the evaluated images; see :mod:`probseg.metrics.hypotheses`) and ``gini`` (prior
+    singular values; models with a latent prior). The results tables carry the pooled values next
+    to the per-image ones, pooled over each row's images. When the data
     module can sample its true rater distribution (``sample_oracle``, e.g. the synthetic data),
     the same metrics of ``N_eval`` oracle draws are logged as ``"{stage}/oracle_{name}"``: a
     reference, the floor for the IoU, Dice and Hausdorff kernels and GED (the oracle's
@@ -184,8 +199,12 @@ class EvaluationCallback(Callback):
             self._log(pl_module, "val")
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        per_image = {source: self._metrics[f"test/{source}"].per_image()
-                     for source in self.SOURCES if f"test/{source}" in self._metrics}
+        per_image = {}
+        for source in self.SOURCES:
+            metric = self._metrics.get(f"test/{source}")
+            if metric is not None:
+                values, statistics, index = metric.per_image_with_statistics()
+                per_image[source] = (values, index, subset_pooling(metric, statistics))
         coverage = self._coverage.pop("test", None)
         coverage = coverage.per_image() if coverage is not None else None
         self._log(pl_module, "test")
@@ -311,14 +330,14 @@ class EvaluationCallback(Callback):
         if coverage is not None:
             fractions, coverage_index = coverage
             marking = dict(zip(coverage_index.tolist(), fractions["raters_marking"].tolist()))
-        for source, (values, index) in per_image.items():
+        for source, (values, index, pooled) in per_image.items():
             known = bool(marking) and all(i in marking for i in index.tolist()) and not bool((index == NO_INDEX).any())
             if known:  # one row per subset of images (all; some rater marks; every rater marks)
                 fractions = torch.tensor([marking[i] for i in index.tolist()], dtype=torch.float64)
-                rows += subset_rows({**common, "source": source}, values, fractions)
+                rows += subset_rows({**common, "source": source}, values, fractions, pooled)
             else:
                 rows.append({**common, "source": source, "subset": "all", "num_images": int(index.numel()),
-                             **summarize(values)})
+                             **summarize(values), **pooled(torch.ones(index.numel(), dtype=torch.bool))})
             prefix = self.SOURCES[source]
             for i, idx in enumerate(index.tolist()):
                 key = idx if idx != NO_INDEX else f"position {i}"  # batches without "index"

@@ -2,7 +2,13 @@
 classes (state and cross-process sync only) here."""
 
 from probseg.metrics.base import PerImageMetric
-from probseg.metrics.hypotheses import METRIC_NAMES, HypothesisMetrics, MeanPredictionMetrics, RaterCoverage
+from probseg.metrics.hypotheses import (
+    METRIC_NAMES,
+    POOLED_NAMES,
+    HypothesisMetrics,
+    MeanPredictionMetrics,
+    RaterCoverage,
+)
 from probseg.metrics.segmentation import (
     BinarizedDice,
     DiceScore,
@@ -15,6 +21,7 @@ from probseg.metrics.segmentation import (
 
 __all__ = [
     "METRIC_NAMES",
+    "POOLED_NAMES",
     "BinarizedDice",
     "DiceScore",
     "EmpiricalWasserstein",

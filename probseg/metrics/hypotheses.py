@@ -4,7 +4,11 @@
 stores, per image: the Hungarian-matched empirical Wasserstein metric for each kernel
 (``hm_iou``, ``hm_dice``, ``hm_hausdorff``, ``hm_ce``), ``ged``, ``diversity``, ``ece``, ``dice``,
 ``bdice`` and, when the prior's sigmas are given, ``gini``. The 1 - IoU distances are computed once and
-shared by ``hm_iou``, ``ged`` and ``diversity``.
+shared by ``hm_iou``, ``ged`` and ``diversity``. Next to the per-image means, ``compute`` gives the
+dataset-pooled ``ece_pooled`` and ``dice_pooled`` (:data:`POOLED_NAMES`): the ECE with its bins
+filled by every pixel of every image, and 2 sum |P and G| / (sum |P| + sum |G|) over all pixels
+(see :mod:`probseg.metrics.functional.calibration`), from per-image statistics deduplicated by
+dataset index like the values.
 
 Weighted hypotheses (``update(..., sample_weight=...)``, e.g. a mixture of experts): the set
 metrics weight each hypothesis (see :mod:`probseg.metrics.functional.sets`) and the mean
@@ -32,20 +36,55 @@ METRIC_NAMES = ("hm_iou", "hm_dice", "hm_hausdorff", "hm_ce", "ged", "diversity"
 MEAN_PREDICTION_NAMES = ("ece", "dice", "bdice")
 """The metrics that only need the pixel-wise mean prediction."""
 
+POOLED_NAMES = ("ece_pooled", "dice_pooled")
+"""The dataset-pooled values reported next to the per-image ``ece`` and ``dice``."""
+
+POOLED_STATISTICS = ("ece", "dice")
+"""The per-image statistics behind :data:`POOLED_NAMES`: ECE bins (M, 3) and Dice counts (K-1, 2)."""
+
 
 def mean_prediction_values(probs: torch.Tensor, target: torch.Tensor, rater_mask: torch.Tensor | None,
-                           num_bins: int = 15) -> dict[str, torch.Tensor]:
-    """{ece, dice, bdice}: (B,) each, of (B, S, K, H, W) class probabilities against raters."""
-    return {
-        "ece": F.expected_calibration_error(probs, target, rater_mask, num_bins),
-        "dice": F.dice_score(probs, target, rater_mask),
+                           num_bins: int = 15) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-image values and pooling statistics of (B, S, K, H, W) class probabilities against raters.
+
+    Returns:
+        ``{ece, dice, bdice}``, (B,) each, and ``{ece, dice}``: the (B, M, 3) ECE bins and
+        (B, K-1, 2) Dice counts they come from (see :func:`pooled_values`).
+    """
+    statistics = {"ece": F.calibration_statistics(probs, target, rater_mask, num_bins),
+                  "dice": F.dice_statistics(probs, target, rater_mask)}
+    values = {
+        "ece": F.calibration_error_from_bins(statistics["ece"]).to(probs.dtype),
+        "dice": F.dice_from_statistics(statistics["dice"]).to(probs.dtype),
         "bdice": F.binarized_dice(probs, target, rater_mask),
     }
+    return values, statistics
 
 
-class MeanPredictionMetrics(PerImageMetric):
-    """ECE, Dice and BDice of a pixel-wise prediction, per image, synced and deduplicated: the
-    metrics that apply to probabilities that are not hypotheses (e.g. a calibrated teacher).
+def pooled_values(statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{ece_pooled, dice_pooled}`` of N images from their per-image statistics (the ``{ece,
+    dice}`` of :func:`mean_prediction_values`, (N, ...) each): the bins and counts are summed over
+    the images first. NaN for no image."""
+    if statistics["ece"].shape[0] == 0:
+        nan = torch.full((), float("nan"), dtype=statistics["ece"].dtype, device=statistics["ece"].device)
+        return {name: nan for name in POOLED_NAMES}
+    return {"ece_pooled": F.calibration_error_from_bins(statistics["ece"].sum(0)),
+            "dice_pooled": F.dice_from_statistics(statistics["dice"].sum(0))}
+
+
+class _PooledMeanPrediction(PerImageMetric):
+    """A per-image metric that also stores the mean prediction's ECE bins and Dice counts
+    (:data:`POOLED_STATISTICS`) and reports their pooled values (:data:`POOLED_NAMES`)."""
+
+    def pool(self, statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{ece_pooled, dice_pooled}``; see :func:`pooled_values`."""
+        return pooled_values(statistics)
+
+
+class MeanPredictionMetrics(_PooledMeanPrediction):
+    """ECE, Dice and BDice of a pixel-wise prediction, per image, synced and deduplicated, and the
+    dataset-pooled ECE and Dice: the metrics that apply to probabilities that are not hypotheses
+    (e.g. a calibrated teacher).
 
     Args:
         num_bins: ECE bins.
@@ -55,7 +94,7 @@ class MeanPredictionMetrics(PerImageMetric):
     higher_is_better = None
 
     def __init__(self, num_bins: int = 15, **kwargs: Any) -> None:
-        super().__init__(MEAN_PREDICTION_NAMES, **kwargs)
+        super().__init__(MEAN_PREDICTION_NAMES, POOLED_STATISTICS, **kwargs)
         self.num_bins = num_bins
 
     def update(self, probs: torch.Tensor, target: torch.Tensor, rater_mask: torch.Tensor | None = None,
@@ -63,7 +102,8 @@ class MeanPredictionMetrics(PerImageMetric):
         """Add a batch of (B, K, H, W) or (B, S, K, H, W) class probabilities (S is averaged)."""
         if probs.ndim == 4:
             probs = probs[:, None]
-        self._store(mean_prediction_values(probs, target, rater_mask, self.num_bins), index)
+        values, statistics = mean_prediction_values(probs, target, rater_mask, self.num_bins)
+        self._store(values, index, statistics)
 
 
 class RaterCoverage(PerImageMetric):
@@ -91,7 +131,7 @@ class RaterCoverage(PerImageMetric):
         self._store({"raters_marking": (marks * present).sum(1) / present.sum(1)}, index)
 
 
-class HypothesisMetrics(PerImageMetric):
+class HypothesisMetrics(_PooledMeanPrediction):
     """Set metrics of hypotheses against raters, per image, synced and deduplicated.
 
     Args:
@@ -140,7 +180,7 @@ class HypothesisMetrics(PerImageMetric):
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         names = [f"hm_{k}" for k in F.KERNELS if k in kernels] + ["ged", "diversity", "ece", "dice", "bdice"]
-        super().__init__(tuple(names + (["gini"] if gini else [])), **kwargs)
+        super().__init__(tuple(names + (["gini"] if gini else [])), POOLED_STATISTICS, **kwargs)
         self.num_classes = num_classes
         self.kernels = tuple(k for k in F.KERNELS if k in kernels)
         self.num_bins, self.self_pairs, self.eps, self.matching = num_bins, self_pairs, eps, matching
@@ -209,10 +249,11 @@ class HypothesisMetrics(PerImageMetric):
         values["diversity"] = F.diversity_from_costs(within_pred, self.self_pairs, weight)
         if weight is not None:  # the weighted mean prediction, as one hypothesis
             probs = (probs * weight.to(probs.dtype)[:, :, None, None, None]).sum(dim=1, keepdim=True)
-        values.update(mean_prediction_values(probs, target, rater_mask, self.num_bins))
+        mean_values, statistics = mean_prediction_values(probs, target, rater_mask, self.num_bins)
+        values.update(mean_values)
         if "gini" in self.value_names:
             values["gini"] = F.gini_index(F.singular_values(sigma, self.gini_of))
-        self._store(values, index)
+        self._store(values, index, statistics)
 
     def _within(self, labels: torch.Tensor) -> torch.Tensor:
         """(B, N, N) 1 - IoU between the members of one set of class-id maps."""

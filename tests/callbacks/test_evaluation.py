@@ -18,7 +18,7 @@ from probseg.callbacks import EvaluationCallback, GiniCallback, SampleGridCallba
 from probseg.callbacks.evaluation import dataset_name, per_image_generators
 from probseg.cli import main
 from probseg.data import SyntheticDataModule
-from probseg.metrics import METRIC_NAMES
+from probseg.metrics import METRIC_NAMES, POOLED_NAMES
 from probseg.models import ProbUNet
 from probseg.results import read_results
 from tests.conftest import TINY_PUNET
@@ -84,6 +84,9 @@ def test_results_table_matches_the_logged_test_metrics(trained: Path) -> None:
     logged = next(r for r in _rows(test_log) if r.get("test/hm_iou"))
     for name in METRIC_NAMES:
         assert rows[0][f"{name}_mean"] == pytest.approx(float(logged[f"test/{name}"]), rel=1e-5)
+    for name in POOLED_NAMES:  # the dataset-pooled values, logged and in the table
+        assert rows[0][name] == pytest.approx(float(logged[f"test/{name}"]), rel=1e-5)
+        assert rows[1][name] == pytest.approx(float(logged[f"test/oracle_{name}"]), rel=1e-5)
     per_image = _rows(trained / "run/results/test_per_image.csv")
     assert [int(r["index"]) for r in per_image] == list(range(8))
     ged = [float(r["ged"]) for r in per_image]
@@ -203,7 +206,7 @@ def test_ddp_evaluation_equals_one_process_on_an_uneven_split(trained: Path, tmp
     assert [r["num_images"] for r in ddp] == [7, 7], "the padded repeat must be counted once"
     for a, b in zip(one, ddp):
         for key, value in a.items():
-            if key.endswith(("_mean", "_std")) and not math.isnan(value):  # the oracle has no Gini
+            if key.endswith(("_mean", "_std", "_pooled")) and not math.isnan(value):  # the oracle has no Gini
                 assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 

@@ -8,11 +8,23 @@
 
   .. math:: \\mathrm{ECE} = \\sum_m \\frac{n_m}{N} \\, |\\mathrm{acc}_m - \\mathrm{conf}_m|
 
-  computed per image (N = pixels of the image).
+  computed per image (N = pixels of the image). :func:`calibration_statistics` gives the bins'
+  sums behind it, so that the ECE can also be pooled over a dataset: the same formula with the
+  bins filled by every pixel of every image (N = pixels of the dataset;
+  :func:`calibration_error_from_bins` of the bins summed over images).
 * :func:`dice_score`: the Dice score of the hard mean prediction (arg-max of the mean of the S
   hypotheses' class probabilities, ties to the lower class) against the raters' majority vote,
   one-vs-rest per foreground class 1..K-1 (both empty = 1) and averaged over them: the Dice of
   a deterministic model's segmentation, as the distillation experiments of Wang et al. report.
+  :func:`dice_statistics` gives its counts, so that the Dice can also be pooled over a dataset:
+
+  .. math:: \\mathrm{Dice}_{pooled} = \\frac{2 \\sum_i |P_i \\cap G_i|}{\\sum_i |P_i| + \\sum_i |G_i|}
+
+  per foreground class over the images i (a class empty everywhere scores 1), averaged over the
+  classes (:func:`dice_from_statistics` of the counts summed over images). The pooled values
+  weigh every pixel of the dataset alike, the per-image means every image alike: an image with
+  a small structure counts as much as one with a large structure in the mean, and little in the
+  pooled value. Wang et al. (Sec. 3.3) report "the mean values in the aggregated validation set".
 * :func:`binarized_dice` (BDice, QUBIQ's official metric; Wang et al., Sec. 3.3): the mean
   prediction and the raters' mean are both thresholded at 0.1, 0.2, ..., 0.9 (strictly greater
   than the threshold is foreground), Dice is computed at each level (both empty = 1) and
@@ -27,7 +39,15 @@ from typing import Sequence
 
 import torch
 
-from probseg._ops import accumulation_dtype, check_probabilities, check_rater_mask, check_set, foreground_dice, majority_vote
+from probseg._ops import (
+    accumulation_dtype,
+    check_probabilities,
+    check_rater_mask,
+    check_set,
+    dice_from_overlap,
+    foreground_overlap,
+    majority_vote,
+)
 
 BDICE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """QUBIQ's threshold levels."""
@@ -84,10 +104,33 @@ def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor, num_bins: 
     return stats.view(3, b, num_bins).permute(1, 2, 0)
 
 
-def expected_calibration_error(
+def calibration_error_from_bins(stats: torch.Tensor) -> torch.Tensor:
+    """ECE from reliability statistics: sum_m |correct_m - confidence_m| / sum_m n_m.
+
+    Args:
+        stats: (..., M, 3) pixel count, summed confidence and summed correctness per bin, as
+            :func:`calibration_bins` gives them (one image) or their sum over images (pooled).
+
+    Returns:
+        (...) ECE in [0, 1]; NaN where no pixel was counted.
+    """
+    count, confidence, correct = stats.unbind(-1)
+    return (correct - confidence).abs().sum(-1) / count.sum(-1)
+
+
+def _mean_prediction(pred: torch.Tensor, target: torch.Tensor,
+                     rater_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checked mean of the S hypotheses' class probabilities (B, K, H, W) and the raters'
+    majority vote (B, H, W)."""
+    probs = _check_prediction(pred, target)
+    present = check_rater_mask(rater_mask, target)
+    return probs.mean(dim=1), majority_vote(target, present, num_classes=probs.shape[2])
+
+
+def calibration_statistics(
     pred: torch.Tensor, target: torch.Tensor, rater_mask: torch.Tensor | None = None, num_bins: int = 15
 ) -> torch.Tensor:
-    """Pixel-wise top-label ECE of the mean prediction against the raters' majority vote.
+    """Per-image reliability statistics of the mean prediction against the raters' majority vote.
 
     Args:
         pred: (B, S, H, W) foreground probabilities, or (B, S, K, H, W) class probabilities.
@@ -96,20 +139,30 @@ def expected_calibration_error(
         num_bins: M.
 
     Returns:
+        (B, M, 3): pixel count, summed top-label confidence and summed correctness of each bin
+        (float64; float32 on devices without it). Summed over images they give the pooled ECE.
+    """
+    mean, vote = _mean_prediction(pred, target, rater_mask)
+    confidence, label = mean.max(dim=1)
+    return calibration_bins(confidence.flatten(1), (label == vote).flatten(1), num_bins)
+
+
+def expected_calibration_error(
+    pred: torch.Tensor, target: torch.Tensor, rater_mask: torch.Tensor | None = None, num_bins: int = 15
+) -> torch.Tensor:
+    """Pixel-wise top-label ECE of the mean prediction against the raters' majority vote.
+
+    Args:
+        pred, target, rater_mask, num_bins: as in :func:`calibration_statistics`.
+
+    Returns:
         (B,) ECE per image, in [0, 1].
     """
-    probs = _check_prediction(pred, target)
-    present = check_rater_mask(rater_mask, target)
-    mean = probs.mean(dim=1)  # (B, K, H, W)
-    confidence, label = mean.max(dim=1)
-    vote = majority_vote(target, present, num_classes=probs.shape[2])
-    stats = calibration_bins(confidence.flatten(1), (label == vote).flatten(1), num_bins)
-    gap = (stats[..., 2] - stats[..., 1]).abs().sum(dim=1) / confidence[0].numel()
-    return gap.to(pred.dtype)
+    return calibration_error_from_bins(calibration_statistics(pred, target, rater_mask, num_bins)).to(pred.dtype)
 
 
-def dice_score(pred: torch.Tensor, target: torch.Tensor, rater_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Dice of the arg-max of the mean prediction against the raters' majority vote.
+def dice_statistics(pred: torch.Tensor, target: torch.Tensor, rater_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image overlap counts of the arg-max of the mean prediction and the raters' majority vote.
 
     Args:
         pred: (B, S, H, W) foreground probabilities, or (B, S, K, H, W) class probabilities.
@@ -117,14 +170,30 @@ def dice_score(pred: torch.Tensor, target: torch.Tensor, rater_mask: torch.Tenso
         rater_mask: (B, R) bool; absent raters do not vote.
 
     Returns:
+        (B, K-1, 2): per foreground class, |P and G| and |P| + |G| (float64; float32 on devices
+        without it). Summed over images they give the pooled Dice.
+    """
+    mean, vote = _mean_prediction(pred, target, rater_mask)
+    label = mean.movedim(1, -1).contiguous().argmax(dim=-1)  # (B, H, W), ties to the lower class
+    return foreground_overlap(label.flatten(1), vote.flatten(1), mean.shape[1], accumulation_dtype(mean.device))
+
+
+def dice_from_statistics(counts: torch.Tensor) -> torch.Tensor:
+    """(..., K-1, 2) counts of :func:`dice_statistics` (one image, or summed over images) ->
+    (...) Dice averaged over the foreground classes (a class empty in both scores 1)."""
+    return dice_from_overlap(counts)
+
+
+def dice_score(pred: torch.Tensor, target: torch.Tensor, rater_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Dice of the arg-max of the mean prediction against the raters' majority vote.
+
+    Args:
+        pred, target, rater_mask: as in :func:`dice_statistics`.
+
+    Returns:
         (B,) Dice per image, in [0, 1], averaged over the foreground classes (both empty = 1).
     """
-    probs = _check_prediction(pred, target)
-    present = check_rater_mask(rater_mask, target)
-    label = probs.mean(dim=1).movedim(1, -1).contiguous().argmax(dim=-1)  # (B, H, W), ties to the lower class
-    vote = majority_vote(target, present, num_classes=probs.shape[2])
-    dice = foreground_dice(label.flatten(1), vote.flatten(1), probs.shape[2], accumulation_dtype(probs.device))
-    return dice.to(pred.dtype)
+    return dice_from_statistics(dice_statistics(pred, target, rater_mask)).to(pred.dtype)
 
 
 def binarized_dice(
