@@ -94,6 +94,28 @@ def majority_vote(
     return votes.argmax(dim=1)  # first maximum on ties: the lowest class id
 
 
+def label_boundary(labels: torch.Tensor, num_classes: int, width: int = 1) -> torch.Tensor:
+    """Pixels near a label boundary: a pixel of another class lies within ``width`` pixels.
+
+    Within ``width`` means in the (2w + 1) x (2w + 1) square around the pixel (Chebyshev distance),
+    clipped at the image border; each image is its own, so nothing leaks across a batch. ``width``
+    1 is the 3 x 3 window of Wang et al.'s boundary label smoothing and KDE region.
+
+    Args:
+        labels: (B, H, W) integer class ids in [0, K).
+        num_classes: K.
+        width: w >= 0 (0: no pixel is near a boundary).
+
+    Returns:
+        (B, H, W) bool.
+    """
+    if width == 0:
+        return torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    onehot = one_hot(labels, num_classes)
+    present = torch.nn.functional.max_pool2d(onehot, 2 * width + 1, stride=1, padding=width)
+    return present.sum(dim=1) > 1.5  # another class than the pixel's own in the window
+
+
 def accumulation_dtype(device: torch.device) -> torch.dtype:
     """float64 for sums and stored values, except on devices without it (Apple MPS)."""
     return torch.float32 if device.type == "mps" else torch.float64

@@ -516,7 +516,8 @@ def test_calibration_object() -> None:
         calib(probs, labels, _gen(0)), kde_calibrate(probs, labels, 0.05, 32, region="all", generator=_gen(0))
     )
     assert repr(calib) == (
-        "KDECalibration(bandwidth=0.05, n_key=32, region='all', boundary_width=1, importance_weights=True)"
+        "KDECalibration(bandwidth=0.05, n_key=32, region='all', boundary_width=1, importance_weights=True, "
+        "key_sampling='balanced', key_scope='batch')"
     )
     small = KDECalibration(n_key=2)
     small.check_num_classes(2)
