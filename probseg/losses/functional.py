@@ -66,6 +66,13 @@ REGION_LOSSES = ("sdl", "sjl", "jml1", "jml2", "dml1", "dml2", "ctl", "cftl")
 
 CLASS_SELECTIONS = ("all", "present")
 
+SMOOTH_FORMS = ("loss", "tversky")
+"""Where :func:`region_loss` adds ``smooth``: to the N and D of the loss's own form, or to the
+Tversky index tp / (tp + alpha fp + beta fn) (the reference code's)."""
+
+_DICE_SCALE = ("sdl", "dml1", "dml2")
+"""Kinds whose N and D are twice the Tversky index's (Dice scale: 2 tp / (2 tp + fp + fn))."""
+
 
 def check_probability_maps(pred: torch.Tensor, target: torch.Tensor | None = None) -> None:
     """``pred`` (and ``target``) must be (B, K, H, W) floating maps with values in [0, 1]."""
@@ -105,6 +112,7 @@ def region_loss(
     per_image: bool = True,
     reduction: str = "mean",
     check: bool = True,
+    smooth_form: str = "loss",
 ) -> torch.Tensor:
     """Overlap losses of the soft Dice / Jaccard / Tversky families (Wang et al., "Dice Semimetric
     Losses", eqs. 1-4 and Appendix D).
@@ -134,6 +142,12 @@ def region_loss(
     (Theorems 2 and 6). ``gamma`` is a focal exponent for every kind (CFTL is CTL with it).
     A class whose N and D are both 0 (empty in prediction and target, ``smooth=0``) costs 0.
 
+    Smoothing. With ``smooth_form="loss"`` (default) s is added to N and D as tabulated. The
+    reference code (JDTLosses) adds it to the Tversky index instead, (tp + s) / (tp + alpha fp +
+    beta fn + s) with tp = N of ctl: for the Dice-scale kinds (sdl, dml1, dml2), whose N and D are
+    twice the Tversky index's, ``smooth_form="tversky"`` therefore adds 2 s; for the others
+    (sjl, jml1, jml2, ctl, cftl) both forms are the same.
+
     Args:
         pred: (B, K, H, W) predicted class probabilities in [0, 1].
         target: (B, K, H, W) target probabilities in [0, 1] (one-hot for hard labels).
@@ -148,6 +162,7 @@ def region_loss(
             for the batch, returned for "mean" and "sum" alike, and ``reduction="none"`` is refused.
         reduction: over the batch: "none" (B,), "mean" or "sum".
         check: validate shapes and value ranges (callers with known-good inputs skip it).
+        smooth_form: ``"loss"`` or ``"tversky"`` (see Smoothing above).
 
     Returns:
         (B,) for ``reduction="none"``, else a scalar.
@@ -156,6 +171,8 @@ def region_loss(
         raise ValueError(f"unknown region loss {kind!r}; expected one of {REGION_LOSSES}")
     if classes not in CLASS_SELECTIONS:
         raise ValueError(f"classes must be one of {CLASS_SELECTIONS}, got {classes!r}")
+    if smooth_form not in SMOOTH_FORMS:
+        raise ValueError(f"smooth_form must be one of {SMOOTH_FORMS}, got {smooth_form!r}")
     if gamma is None:
         gamma = 4 / 3 if kind == "cftl" else 1.0
     if smooth < 0 or gamma <= 0 or alpha < 0 or beta < 0:
@@ -185,6 +202,8 @@ def region_loss(
     else:  # ctl, cftl
         num = overlap / 2
         den = alpha * x + beta * y + (1 - alpha - beta) * num
+    if smooth_form == "tversky" and kind in _DICE_SCALE:
+        smooth = 2 * smooth
     den = den + smooth
     per_class = torch.where(den > 0, 1 - (num + smooth) / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
     per_class = per_class.clamp_min(0)  # rounding can dip below 0 at x = y

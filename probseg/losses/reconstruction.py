@@ -11,6 +11,28 @@ Scale. With ``pixel_reduction="sum"`` (the zoo's default) the cross-entropy is s
 as in the PU-Net's ELBO, and every per-pixel-averaged component (region losses, uniform_kl, mse)
 is multiplied by the number of pixels, so the weights keep their ratio while the KL weight beta
 keeps its meaning. ``pixel_reduction="mean"`` averages over pixels instead (the paper's scale).
+
+Recipes. ``recipe="probseg"`` (default) and ``recipe="paper"`` (the reductions of the Dice
+semimetric paper's reference code, JDTLosses) set the defaults of the options below; an option
+given explicitly wins:
+
+===================  ===========  ====================  ============================================
+option               probseg      paper                 why probseg's default differs
+===================  ===========  ====================  ============================================
+``pixel_reduction``  ``"sum"``    ``"mean"``            the PU-Net's ELBO scale: beta keeps its meaning
+``per_image``        True         False (batch-pooled)  one loss per image (``reduction="none"``),
+                                                        independent of the other images in the batch
+``classes``          ``"all"``    ``"auto"``            per image, "present" would not penalise false
+                                                        positives on an image without the class
+``smooth_form``      ``"loss"``   ``"tversky"``         s added to N and D as ``region_loss`` writes
+                                                        them (reference s = 1 is smooth = 2 for DML1)
+===================  ===========  ====================  ============================================
+
+``classes="auto"`` is the reference's rule: ``"present"`` when the target is given as class ids
+(hard labels: the classes that occur in the batch, or the image), ``"all"`` for probability maps
+(soft labels, a teacher). ``smooth`` is 1 in both (with ``smooth_form="tversky"``, the reference's
+s = 1). With ``per_image=False`` a region loss is one value for the batch (see
+:func:`~probseg.losses.functional.region_loss`).
 """
 
 from __future__ import annotations
@@ -29,7 +51,13 @@ from probseg.losses import functional as L
 COMPONENTS = ("ce", *L.REGION_LOSSES, "uniform_kl", "mse")
 """Names accepted as reconstruction components."""
 
-REGION_OPTIONS = ("alpha", "beta", "gamma", "smooth", "classes", "per_image")
+REGION_OPTIONS = ("alpha", "beta", "gamma", "smooth", "classes", "per_image", "smooth_form")
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "probseg": {"pixel_reduction": "sum", "per_image": True, "classes": "all", "smooth_form": "loss"},
+    "paper": {"pixel_reduction": "mean", "per_image": False, "classes": "auto", "smooth_form": "tversky"},
+}
+"""Defaults of :class:`ReconstructionLoss` per ``recipe`` (see the module docstring)."""
 
 
 class ReconstructionLoss(nn.Module):
@@ -38,15 +66,22 @@ class ReconstructionLoss(nn.Module):
     Args:
         weights: component name -> weight (non-negative, at least one positive), e.g.
             ``{"ce": 0.25, "dml1": 0.75}``.
-        pixel_reduction: "sum" (ELBO scale, default) or "mean" (see the module docstring).
+        pixel_reduction: "sum" or "mean" (see the module docstring); None: the recipe's ("sum").
         eps: probability floor inside the logs of "uniform_kl".
+        recipe: "probseg" (default) or "paper": the defaults of ``pixel_reduction`` and of the
+            region options (see the module docstring).
         **region_options: options of the region losses: alpha, beta (Tversky), gamma (focal),
-            smooth, classes ("all" | "present"), per_image.
+            smooth, classes ("all" | "present" | "auto"), per_image, smooth_form.
     """
 
-    def __init__(self, weights: Mapping[str, float] | None = None, pixel_reduction: str = "sum", eps: float = 1e-7,
-                 **region_options: Any) -> None:
+    def __init__(self, weights: Mapping[str, float] | None = None, pixel_reduction: str | None = None,
+                 eps: float = 1e-7, recipe: str = "probseg", **region_options: Any) -> None:
         super().__init__()
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
+        defaults = dict(RECIPES[recipe])
+        recipe_reduction = defaults.pop("pixel_reduction")
+        pixel_reduction = recipe_reduction if pixel_reduction is None else pixel_reduction
         weights = dict(weights or {"ce": 1.0})
         unknown = sorted(set(weights) - set(COMPONENTS))
         if unknown:
@@ -55,16 +90,26 @@ class ReconstructionLoss(nn.Module):
             raise ValueError(f"reconstruction weights must be non-negative with one positive, got {weights}")
         bad = sorted(set(region_options) - set(REGION_OPTIONS))
         if bad:
-            raise ValueError(f"unknown loss options {bad}; expected names from {REGION_OPTIONS + ('pixel_reduction', 'eps')}")
+            known = REGION_OPTIONS + ("pixel_reduction", "eps", "recipe")
+            raise ValueError(f"unknown loss options {bad}; expected names from {known}")
         if pixel_reduction not in ("sum", "mean"):
             raise ValueError(f"pixel_reduction must be 'sum' or 'mean', got {pixel_reduction!r}")
         self.weights = {k: float(v) for k, v in weights.items() if v > 0}
         self.pixel_reduction = pixel_reduction
         self.eps = eps
-        self.region_options = region_options
+        self.recipe = recipe
+        self.region_options = region_options  # as given
+        self._resolved_options = {**defaults, **region_options}  # with the recipe's defaults
         probe = torch.full((1, 2, 1, 1), 0.5)
         for name in [k for k in self.weights if k in L.REGION_LOSSES] or ["dml1"]:
-            L.region_loss(probe, probe, name, **region_options)  # bad option values fail here, not at step 1
+            # bad option values fail here, not at step 1
+            L.region_loss(probe, probe, name, **self._region_options(hard=False))
+
+    def _region_options(self, hard: bool) -> dict[str, Any]:
+        """The region options of a call, ``classes="auto"`` resolved by the target's kind."""
+        if self._resolved_options["classes"] != "auto":
+            return self._resolved_options
+        return {**self._resolved_options, "classes": "present" if hard else "all"}
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Weighted components, batch means: ``{"rec_<name>": weight * loss}``.
@@ -91,7 +136,7 @@ class ReconstructionLoss(nn.Module):
             else:
                 probs = logits.softmax(dim=1) if probs is None else probs
                 if name in L.REGION_LOSSES:
-                    value = L.region_loss(probs, maps, name, check=False, **self.region_options)
+                    value = L.region_loss(probs, maps, name, check=False, **self._region_options(hard))
                 elif name == "uniform_kl":  # from the logits: log_softmax stays finite where p underflows
                     value = -F.log_softmax(logits, dim=1).clamp_min(math.log(self.eps)).mean(1).mean()
                 else:  # mse
