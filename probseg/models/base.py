@@ -59,18 +59,22 @@ class ProbSegModel(pl.LightningModule):
         label_smoothing: eps of ``fusion="label_smoothing"``.
         reconstruction: weights of the reconstruction components, e.g. ``{"ce": 0.25,
             "dml1": 0.75}`` (default ``{"ce": 1.0}``); see :class:`probseg.losses.ReconstructionLoss`.
-        loss_options: options of :class:`probseg.losses.ReconstructionLoss` (``pixel_reduction``,
-            and for region losses ``classes``, ``smooth``, ``per_image``, ``alpha``, ``beta``,
-            ``gamma``).
+        loss_options: options of :class:`probseg.losses.ReconstructionLoss` (``recipe``,
+            ``pixel_reduction``, and for region losses ``classes``, ``smooth``, ``smooth_form``,
+            ``per_image``, ``alpha``, ``beta``, ``gamma``).
         teacher: path of a zoo checkpoint to distil from (see :mod:`probseg.distillation`);
             loaded when training starts, so a missing file fails before the first step.
-        distillation: options of the distillation (``weights``, ``kde``, ``teacher_samples``,
-            ``student_samples``, ``label_smoothing``); with a teacher and no options: CE + DML1
-            against the KDE-calibrated teacher. Options without a teacher are refused.
+        distillation: options of the distillation (``recipe``, ``weights``, ``kde``, ``kde_labels``,
+            ``teacher_samples``, ``student_samples``, ``label_smoothing``); with a teacher and no
+            options: CE + DML1 against the KDE-calibrated teacher. Options without a teacher are
+            refused.
         channels_last: keep the network's convolution weights (and so its activations) in the
             channels-last memory format (default True): the same maths with faster convolution
             kernels on CPU (1.4-1.9x a training step at the paper config) and on GPUs. False keeps
             PyTorch's default layout.
+        fusion_options: ``recipe`` ("probseg" or "paper": Wang et al.'s reference code) and the
+            fusion details it sets: ``zero_dice``, ``smoothing_label``, ``smoothing_region``,
+            ``boundary_width`` (see :func:`probseg.data.fusion.fuse_raters`).
 
     Gradient clipping is a Trainer setting (``trainer.gradient_clip_val``).
     """
@@ -124,6 +128,7 @@ class ProbSegModel(pl.LightningModule):
         teacher: str | None = None,
         distillation: dict[str, Any] | None = None,
         channels_last: bool = True,
+        fusion_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if type(self) is ProbSegModel:
@@ -143,7 +148,8 @@ class ProbSegModel(pl.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.num_predict_samples = num_predict_samples
-        self.reconstruction = Reconstruction(num_classes, fusion, label_smoothing, reconstruction, loss_options)
+        self.reconstruction = Reconstruction(num_classes, fusion, label_smoothing, reconstruction, loss_options,
+                                             fusion_options)
         self.objectives: list[Objective] = []  # the model's own, set by the subclass
         # Plain objects, not submodules: a teacher stays out of the state dict and optimizer.
         self.extra_objectives = optional_objectives(dict(self.hparams))

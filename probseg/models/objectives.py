@@ -29,6 +29,7 @@ import torch
 from torch.distributions import Independent, kl_divergence
 
 from probseg.data.fusion import FUSIONS, training_target
+from probseg.data.fusion import fusion_options as resolve_fusion_options
 from probseg.losses.reconstruction import ReconstructionLoss
 
 if TYPE_CHECKING:
@@ -110,7 +111,11 @@ class Reconstruction(Objective):
             :func:`probseg.data.fusion.training_target`).
         label_smoothing: eps of ``fusion="label_smoothing"``.
         weights: component -> weight (default ``{"ce": 1.0}``), as in :class:`ReconstructionLoss`.
-        loss_options: the other options of :class:`ReconstructionLoss`.
+        loss_options: the other options of :class:`ReconstructionLoss` (``recipe``: "probseg" or
+            "paper" sets their defaults).
+        fusion_options: ``recipe`` ("probseg" or "paper") and the fusion options it sets
+            (``zero_dice``, ``smoothing_label``, ``smoothing_region``, ``boundary_width``; see
+            :func:`probseg.data.fusion.fuse_raters`).
 
     Attributes:
         loss: the :class:`ReconstructionLoss` (its ``weights`` and ``region_options`` are also
@@ -120,7 +125,8 @@ class Reconstruction(Objective):
     name = "reconstruction"
 
     def __init__(self, num_classes: int, fusion: str = "random", label_smoothing: float = 0.1,
-                 weights: Mapping[str, float] | None = None, loss_options: Mapping[str, Any] | None = None) -> None:
+                 weights: Mapping[str, float] | None = None, loss_options: Mapping[str, Any] | None = None,
+                 fusion_options: Mapping[str, Any] | None = None) -> None:
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
         if not 0 <= label_smoothing < 1:
@@ -129,6 +135,9 @@ class Reconstruction(Objective):
         self.num_classes = num_classes
         self.fusion = fusion
         self.label_smoothing = label_smoothing
+        options = dict(fusion_options or {})
+        recipe = options.pop("recipe", "probseg")
+        self.fusion_options = {"recipe": recipe, **resolve_fusion_options(recipe, **options)}  # checked here
 
     @property
     def weights(self) -> dict[str, float]:
@@ -143,7 +152,7 @@ class Reconstruction(Objective):
         """The training target of a batch by ``fusion`` (``checked``: the batch passed
         :func:`probseg.data.batch.check_batch`, so the fusion skips its own value checks)."""
         return training_target(batch["masks"], batch.get("rater_mask"), self.num_classes, self.fusion,
-                               self.label_smoothing, generator, checked=checked)
+                               self.label_smoothing, generator, checked=checked, **self.fusion_options)
 
     def __call__(self, context: StepContext) -> LossTerms:
         return LossTerms(self.loss(context.outputs["logits"], context.target))
