@@ -20,6 +20,31 @@ random rater, E[y | f] is the same function, estimated with less variance.
 
 Terms are on the scale of the student's reconstruction (its ``loss_options``, e.g. pixel sums)
 and are logged as ``{stage}/kd_<name>``.
+
+Recipes. ``recipe: paper`` sets the defaults of the distillation to the reference code's
+(JDTLosses, ``train_kd.py``, ``models/segmentor.py``, ``kde.py``); ``recipe: probseg`` (default)
+keeps probseg's. An option given explicitly wins.
+
+=================  ==========================  ==================================================
+option             probseg                     paper (reference code)
+=================  ==========================  ==================================================
+``weights``        ``{ce: 1.0, dml1: 1.0}``    ``{ce: 0.125, dml1: 0.375}``: the teacher half,
+                                               ``teacher_weight`` 0.5 x (0.25 CE + 0.75 DML1)
+``kde``            importance-weighted, key    unweighted (``importance_weights: false``), key
+                   points from the batch       points from each image (``key_scope: image``)
+``kde_labels``     ``mean`` (raters' mean)     ``majority`` (a hard label; one rater: its mask)
+=================  ==========================  ==================================================
+
+The reference's KD loss is ``0.5 L(p, y) + 0.5 L(p, t)`` with ``L = 0.25 CE + 0.75 DML1``: the
+label half is the model's own reconstruction, so the paper's recipe also needs the model's
+``reconstruction: {ce: 0.125, dml1: 0.375}`` and ``loss_options: {recipe: paper}`` (a warning says
+when either differs; ``experiments/synthetic/unet_kd_paper.yaml`` sets all of it). Its teacher is
+one deterministic network; a probabilistic teacher's mean over ``teacher_samples`` hypotheses is
+probseg's extension (a warning says so under the paper's recipe). Why probseg's defaults differ:
+the importance weights make the KDE consistent (the unweighted estimator with class-balanced key
+points is biased towards balanced classes: :mod:`probseg.calibration.kde`); the raters' mean as
+key labels estimates the same E[y | f] as a random rater with less variance, and a majority vote
+is a different function of the raters; the weights are the student's own scale (pixel sums).
 """
 
 from __future__ import annotations
@@ -35,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from probseg.calibration import KDECalibration
-from probseg.data.fusion import fuse_raters
+from probseg.data.fusion import fuse_raters, majority_vote
 from probseg.losses.reconstruction import ReconstructionLoss
 from probseg.models.objectives import (
     LossTerms,
@@ -47,11 +72,23 @@ from probseg.models.objectives import (
 if TYPE_CHECKING:
     from probseg.models.base import ProbSegModel
 
-DISTILLATION_KEYS = ("weights", "kde", "teacher_samples", "student_samples", "label_smoothing")
+DISTILLATION_KEYS = ("recipe", "weights", "kde", "kde_labels", "teacher_samples", "student_samples",
+                     "label_smoothing")
 """Keys of a model's ``distillation:`` mapping."""
 
 DEFAULT_WEIGHTS = {"ce": 1.0, "dml1": 1.0}
 """The paper's two distillation terms (Table 7: CE and DML between teacher and student)."""
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "probseg": {"weights": DEFAULT_WEIGHTS, "kde": {}, "kde_labels": "mean"},
+    "paper": {"weights": {"ce": 0.125, "dml1": 0.375}, "kde": {"importance_weights": False, "key_scope": "image"},
+              "kde_labels": "majority"},
+}
+"""Defaults per ``recipe`` (see the module docstring): the weights, the KDE options a ``kde: true``
+or a ``kde`` mapping starts from, and the key points' labels."""
+
+KDE_LABELS = ("mean", "majority")
+"""Labels of the KDE's key points: the raters' mean (soft) or their majority vote (hard)."""
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -74,15 +111,22 @@ class Distillation(Objective):
         num_classes: K of the student (the teacher must match).
         in_channels: C of the student (the teacher must match).
         weights: distillation components -> weights, names as in
-            :class:`~probseg.losses.ReconstructionLoss` (default ``{"ce": 1.0, "dml1": 1.0}``).
-        kde: KDE calibration of the teacher: True (default: bandwidth 1e-3 as in the paper's
-            Table 8), False / None (raw teacher), or a mapping of
-            :class:`~probseg.calibration.KDECalibration` options.
+            :class:`~probseg.losses.ReconstructionLoss` (default: the recipe's,
+            ``{"ce": 1.0, "dml1": 1.0}`` for probseg).
+        kde: KDE calibration of the teacher: True (default: the recipe's options, bandwidth 1e-3
+            as in the paper's Table 8), False / None (raw teacher), or a mapping of
+            :class:`~probseg.calibration.KDECalibration` options (over the recipe's).
         teacher_samples: hypotheses of a probabilistic teacher averaged into t (a deterministic
             teacher is run once).
         student_samples: prior hypotheses of a latent-variable student averaged into p-bar.
         label_smoothing: eps of t <- (1 - eps) t + eps / K, applied after the KDE (0: off).
         loss_options: the student's reconstruction options (pixel_reduction, region options).
+        recipe: ``"probseg"`` (default) or ``"paper"``: the defaults of ``weights``, ``kde`` and
+            ``kde_labels`` (see the module docstring).
+        kde_labels: labels of the KDE's key points, ``"mean"`` (the raters' mean) or
+            ``"majority"`` (their majority vote, a hard label); None: the recipe's.
+        reconstruction: the student's reconstruction weights, only compared with the reference's
+            recipe under ``recipe="paper"`` (a warning when they differ); None: not compared.
     """
 
     name = "distillation"
@@ -98,6 +142,9 @@ class Distillation(Objective):
         student_samples: int = 1,
         label_smoothing: float = 0.0,
         loss_options: Mapping[str, Any] | None = None,
+        recipe: str = "probseg",
+        kde_labels: str | None = None,
+        reconstruction: Mapping[str, float] | None = None,
     ) -> None:
         if not teacher or not isinstance(teacher, (str, os.PathLike)):
             raise ValueError(f"distillation needs a teacher checkpoint path (model argument 'teacher'), got {teacher!r}")
@@ -106,6 +153,12 @@ class Distillation(Objective):
                 raise TypeError(f"distillation.{key} must be an integer, got {value!r}")
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
             raise TypeError(f"distillation.label_smoothing must be a number, got {label_smoothing!r}")
+        if recipe not in RECIPES:
+            raise ValueError(f"distillation.recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
+        defaults = RECIPES[recipe]
+        kde_labels = defaults["kde_labels"] if kde_labels is None else kde_labels
+        if kde_labels not in KDE_LABELS:
+            raise ValueError(f"distillation.kde_labels must be one of {KDE_LABELS}, got {kde_labels!r}")
         if weights is not None and (not isinstance(weights, Mapping) or not weights):
             raise ValueError(f"distillation.weights must name at least one component, e.g. {DEFAULT_WEIGHTS}, got {weights!r}")
         if teacher_samples < 1:
@@ -117,11 +170,15 @@ class Distillation(Objective):
         self.teacher_path = Path(teacher)
         self.num_classes = num_classes
         self.in_channels = in_channels
-        self.weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+        self.recipe = recipe
+        self.kde_labels = kde_labels
+        self.weights = dict(defaults["weights"] if weights is None else weights)
         try:
             self.loss = ReconstructionLoss(self.weights, **dict(loss_options or {}))
         except (TypeError, ValueError) as err:
             raise ValueError(f"distillation.weights: {err}") from None
+        if kde is True or isinstance(kde, Mapping):
+            kde = {**defaults["kde"], **(kde if isinstance(kde, Mapping) else {})}
         try:
             self.kde = KDECalibration.from_config(kde)
         except (TypeError, ValueError) as err:
@@ -137,14 +194,32 @@ class Distillation(Objective):
         self._teacher: ProbSegModel | None = None
         self.fingerprint: str | None = None  # sha256 of the teacher file, once loaded
         self.expected_fingerprint: str | None = None  # the one a student checkpoint recorded
+        if recipe == "paper":
+            self._check_paper_recipe(reconstruction)
+
+    def _check_paper_recipe(self, reconstruction: Mapping[str, float] | None) -> None:
+        """Warn where the student's own loss is not the label half of the reference's KD loss."""
+        problems = []
+        if reconstruction is not None and {k: float(v) for k, v in reconstruction.items() if v} != self.weights:
+            problems.append(f"the model's reconstruction {dict(reconstruction)} differs from the distillation weights "
+                            f"{self.weights} (the reference puts the same mix on the label and on the teacher, half "
+                            "each: set reconstruction to the distillation weights)")
+        if self.loss.recipe != "paper":
+            problems.append("the model's loss_options have no recipe: paper (the reference's pixel means, batch-pooled "
+                            "region losses, present classes for hard labels and Tversky-form smoothing)")
+        if problems:
+            warnings.warn("distillation recipe 'paper' is not the reference's KD loss: " + "; ".join(problems),
+                          stacklevel=4)
 
     @classmethod
     def from_config(cls, teacher: str | None, config: Mapping[str, Any] | None, num_classes: int,
-                    in_channels: int, loss_options: Mapping[str, Any] | None = None) -> Distillation | None:
+                    in_channels: int, loss_options: Mapping[str, Any] | None = None,
+                    reconstruction: Mapping[str, float] | None = None) -> Distillation | None:
         """The distillation a model's ``teacher`` and ``distillation`` arguments ask for, or None.
 
         A ``distillation`` mapping without a ``teacher`` is refused: it would silently train
-        without the teacher.
+        without the teacher. ``reconstruction`` (the model's weights, default ``{"ce": 1.0}``) is
+        compared with the reference's recipe under ``recipe: paper``.
         """
         if config is not None and not isinstance(config, Mapping):
             raise ValueError(f"distillation must be a mapping of {DISTILLATION_KEYS}, got {config!r}")
@@ -159,12 +234,13 @@ class Distillation(Objective):
         unknown = sorted(set(config) - set(DISTILLATION_KEYS))
         if unknown:
             raise ValueError(f"unknown distillation keys {unknown}; expected names from {DISTILLATION_KEYS}")
-        return cls(teacher, num_classes, in_channels, loss_options=loss_options, **config)
+        return cls(teacher, num_classes, in_channels, loss_options=loss_options, reconstruction=reconstruction,
+                   **config)
 
     def __repr__(self) -> str:
-        return (f"Distillation(teacher={str(self.teacher_path)!r}, weights={self.weights}, kde={self.kde!r}, "
-                f"teacher_samples={self.teacher_samples}, student_samples={self.student_samples}, "
-                f"label_smoothing={self.label_smoothing})")
+        return (f"Distillation(teacher={str(self.teacher_path)!r}, recipe={self.recipe!r}, weights={self.weights}, "
+                f"kde={self.kde!r}, kde_labels={self.kde_labels!r}, teacher_samples={self.teacher_samples}, "
+                f"student_samples={self.student_samples}, label_smoothing={self.label_smoothing})")
 
     # --- the teacher ---------------------------------------------------------------------------
 
@@ -195,6 +271,10 @@ class Distillation(Objective):
                     f"{teacher.in_channels}; the student has num_classes={self.num_classes}, in_channels={self.in_channels}"
                 )
             teacher.requires_grad_(False)
+            if self.recipe == "paper" and not teacher.deterministic:
+                warnings.warn(f"distillation recipe 'paper': the teacher {self.teacher_path} is probabilistic; the "
+                              f"reference distils one deterministic network, here t is the mean of "
+                              f"{self.teacher_samples} hypotheses (probseg's extension)", stacklevel=2)
             self.fingerprint = file_sha256(self.teacher_path)
             self.check_fingerprint()
             self._teacher = teacher
@@ -224,10 +304,15 @@ class Distillation(Objective):
     @torch.no_grad()
     def calibrate(self, probs: torch.Tensor, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """KDE-calibrate (when configured) and smooth (when configured) teacher probabilities,
-        with the batch's raters' mean as the key points' labels."""
+        with the batch's raters' mean (``kde_labels: mean``) or majority vote (``majority``) as
+        the key points' labels."""
         if self.kde is not None:
-            labels = fuse_raters(batch["masks"], batch.get("rater_mask"), self.num_classes, "mean")
-            probs = self.kde(probs, labels.to(probs.dtype), generator=generator)
+            masks, rater_mask = batch["masks"], batch.get("rater_mask")
+            if self.kde_labels == "majority":
+                labels = majority_vote(masks, rater_mask, self.num_classes)
+            else:
+                labels = fuse_raters(masks, rater_mask, self.num_classes, "mean").to(probs.dtype)
+            probs = self.kde(probs, labels, generator=generator)
         if self.label_smoothing:
             probs = (1 - self.label_smoothing) * probs + self.label_smoothing / self.num_classes
         return probs
@@ -292,6 +377,7 @@ class Distillation(Objective):
 @register_optional_objective("distillation")
 def distillation_from_options(options: Mapping[str, Any]) -> Distillation | None:
     """The distillation a model's shared options (``teacher``, ``distillation``, ``num_classes``,
-    ``in_channels``, ``loss_options``) ask for, or None."""
+    ``in_channels``, ``loss_options``, ``reconstruction``) ask for, or None."""
     return Distillation.from_config(options.get("teacher"), options.get("distillation"), options["num_classes"],
-                                    options["in_channels"], options.get("loss_options"))
+                                    options["in_channels"], options.get("loss_options"),
+                                    options.get("reconstruction") or {"ce": 1.0})
