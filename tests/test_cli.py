@@ -313,17 +313,24 @@ def test_every_experiment_config_builds(config: Path, monkeypatch: pytest.Monkey
     monkeypatch.chdir(tmp_path)  # the configs' relative run folders land here
     cli = _experiment(config)
     assert cli.trainer.default_root_dir == yaml.safe_load(config.read_text())["trainer"]["default_root_dir"]
-    name = config.stem.removesuffix("_soft").removesuffix("_kd").removesuffix("_teacher")
+    stem = config.stem.removesuffix("_paper")
+    name = stem.removesuffix("_soft").removesuffix("_ls").removesuffix("_kd").removesuffix("_teacher")
     assert cli.model.registry_name == name
-    if config.stem.endswith("_soft"):
-        assert cli.model.fusion == "weighted_mean"
+    paper = config.stem.endswith("_paper")  # Wang et al.'s reference recipe (README, "Soft labels as in ...")
+    recipe = "paper" if paper else "probseg"
+    assert cli.model.reconstruction.loss.recipe == recipe and cli.model.reconstruction.fusion_options["recipe"] == recipe
+    if stem.endswith(("_soft", "_ls")):
+        assert cli.model.fusion == ("weighted_mean" if stem.endswith("_soft") else "label_smoothing")
         assert cli.model.reconstruction.weights == {"ce": 0.25, "dml1": 0.75}
+    elif paper:  # the KD preset: the label half of 0.25 CE + 0.75 DML1 on the majority vote
+        assert cli.model.fusion == "majority" and cli.model.reconstruction.weights == {"ce": 0.125, "dml1": 0.375}
     else:
         assert cli.model.fusion == "random" and cli.model.reconstruction.weights == {"ce": 1.0}
-    if config.stem.endswith("_kd"):  # the teacher is loaded when training starts, not here
+    if stem.endswith("_kd"):  # the teacher is loaded when training starts, not here
         distiller = cli.model.distiller
         assert distiller.teacher_path == Path("runs/synthetic/unet_teacher/checkpoints/last.ckpt")
-        assert distiller.weights == {"ce": 1.0, "dml1": 1.0} and distiller.kde.bandwidth == 1e-3
+        assert distiller.weights == ({"ce": 0.125, "dml1": 0.375} if paper else {"ce": 1.0, "dml1": 1.0})
+        assert distiller.kde.bandwidth == 1e-3 and distiller.kde.importance_weights is not paper
     else:
         assert cli.model.distiller is None
 
