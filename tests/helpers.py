@@ -132,3 +132,31 @@ class FailSavesFrom(Callback):
 
             failing_save.fails = True
             torch.save = failing_save
+
+
+class RecordDraws(Callback):
+    """Used from YAML by the DDP resume test: each rank appends one JSON line per training step to
+    ``{folder}/rank<r>.jsonl``: the step, the batch's ids, a digest of the augmented images and the
+    loss, and the next value torch's global RNG would give at the step's start (drawn from a copy,
+    so the run's own stream is untouched)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self._draw: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        copy = torch.Generator()
+        copy.set_state(torch.get_rng_state())
+        self._draw = float(torch.rand((), generator=copy))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import hashlib
+        import json
+
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        line = {"step": trainer.global_step - 1, "ids": list(batch["id"]), "draw": self._draw,
+                "images": hashlib.sha256(batch["image"].detach().cpu().numpy().tobytes()).hexdigest(),
+                "loss": float(loss)}
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        with open(Path(self.folder, f"rank{trainer.global_rank}.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")

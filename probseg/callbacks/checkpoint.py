@@ -6,7 +6,9 @@ state in the checkpoint carries the random number generators (torch CPU and CUDA
 so ``probseg fit --config CFG --ckpt_path last`` continues a killed run with the draws it would
 have made: together with the optimizer, loops, callbacks and the data order (restored by
 Lightning and by :class:`probseg.data.base.ProbSegDataModule`), the resumed run ends with the
-weights of an uninterrupted one.
+weights of an uninterrupted one. Under DDP every rank's generators are gathered into the
+checkpoint and each rank restores its own; resumed on another number of processes, rank 0's are
+restored and the other ranks draw new streams (with a warning).
 
 While a run trains it holds an exclusive ``fcntl.flock`` on ``checkpoints/.lock`` (which names its
 process id): of several runs started on one folder at once exactly one trains, and the others stop
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
 try:
     import fcntl
@@ -40,6 +43,7 @@ except ImportError:  # Windows: an exclusive create stands in
 
 LOCK_NAME = ".lock"
 RNG_KEY = "probseg_rng"
+RNG_RANKS_KEY = "probseg_rng_ranks"
 
 
 def rng_state() -> dict[str, Any]:
@@ -274,16 +278,34 @@ class RunCheckpoint(ModelCheckpoint):
             return
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        # Under a fixed key, so a resume with other checkpoint settings (another state key)
-        # still restores the generators.
-        checkpoint[RNG_KEY] = rng_state()
+        # Under fixed keys, so a resume with other checkpoint settings (another state key) still
+        # restores the generators. RNG_KEY keeps rank 0's state in the one-process format (older
+        # readers, a resume on another number of processes); under DDP every rank's is added.
+        from probseg.distributed import gather_from_ranks
+
+        state = rng_state()
+        checkpoint[RNG_KEY] = state
+        per_rank = gather_from_ranks(state)  # every rank runs this hook, so all reach the collective
+        if per_rank is not None:
+            checkpoint[RNG_RANKS_KEY] = per_rank
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        rng = checkpoint.get(RNG_KEY)
-        if rng is not None:
-            # Checkpoints hold rank 0's generators: exact for one process; other ranks then move
-            # to their own streams again.
-            from probseg.distributed import diverge_per_rank
+        from probseg.distributed import diverge_per_rank, rank_and_world_size
 
-            set_rng_state(rng)
-            diverge_per_rank(int(rng["torch"][:8].view(torch.int64)[0]) + trainer.global_step)
+        rank, world = rank_and_world_size()
+        per_rank = checkpoint.get(RNG_RANKS_KEY)
+        if per_rank is not None and len(per_rank) == world:
+            set_rng_state(per_rank[rank])  # each rank continues its own streams: exact
+            return
+        rng = checkpoint.get(RNG_KEY)
+        if rng is None:
+            return
+        if per_rank is not None or world > 1:
+            saved = f"{len(per_rank)} processes" if per_rank is not None else "one process (or an older probseg)"
+            rank_zero_warn(f"the checkpoint's random generators were saved by {saved} and the run resumes on {world} "
+                           f"process{'es' if world > 1 else ''}: "
+                           "rank 0 continues rank 0's streams and the other ranks start new ones, so the run will "
+                           "not repeat an uninterrupted one exactly")
+        # Rank 0's generators: exact for one process; other ranks then move to their own streams.
+        set_rng_state(rng)
+        diverge_per_rank(int(rng["torch"][:8].view(torch.int64)[0]) + trainer.global_step)

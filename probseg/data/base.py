@@ -9,31 +9,56 @@ splits with repeated items).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 SPLITS = ("train", "val", "test")
 
 
-class EpochSampler(Sampler[int]):
-    """Training order that depends only on (seed, epoch), and that can skip the batches a resumed
-    run already trained on.
+def _sampler_split(trainer: Any) -> tuple[int, int]:
+    """(replicas, rank) the training order is split over: Lightning's distributed-sampler
+    arguments, unless there are none (one device) or the user turned Lightning's distributed
+    sampling off (``use_distributed_sampler=False``: every rank then iterates the whole order)."""
+    kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+    connector = getattr(trainer, "_accelerator_connector", None)
+    if not kwargs or not getattr(connector, "use_distributed_sampler", True):
+        return 1, 0
+    return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+
+
+class EpochSampler(DistributedSampler):
+    """Training order that depends only on (seed, epoch), split over DDP ranks, and that can skip
+    the batches a resumed run already trained on.
 
     Lightning calls :meth:`set_epoch` at every epoch start; the permutation of epoch e is drawn
     from a generator seeded by (seed, e), and the loader's own generator (which seeds worker
     processes) is reseeded the same way, so the data of an epoch is the same whether the run was
     interrupted or not. Nothing here draws from torch's global RNG.
 
+    With ``num_replicas`` > 1 each rank iterates its share of that permutation, padded and
+    interleaved as :class:`torch.utils.data.DistributedSampler` (``shuffle=False``) splits a
+    dataset; the shares are the ones Lightning's sampler wrapper used to give. Being a
+    ``DistributedSampler``, it is not wrapped again by Lightning, so the skip on resume applies to
+    this rank's share. With one replica the order is the whole permutation.
+
     Args:
         size: number of items.
         seed: base seed.
         loader_generator: the DataLoader's generator, reseeded per epoch.
+        num_replicas: number of ranks sharing the epoch.
+        rank: this process's rank.
     """
 
-    def __init__(self, size: int, seed: int, loader_generator: torch.Generator | None = None) -> None:
+    def __init__(self, size: int, seed: int, loader_generator: torch.Generator | None = None, num_replicas: int = 1,
+                 rank: int = 0) -> None:
+        # The base class only needs a sized dataset for the share sizes; it never sees our order.
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed, drop_last=False)
         self.size, self.seed, self.loader_generator = size, seed, loader_generator
         self.epoch, self.skip, self.skip_epoch = 0, 0, -1
         self.set_epoch(0)
@@ -44,21 +69,26 @@ class EpochSampler(Sampler[int]):
             self.loader_generator.manual_seed(self._seed(1))
 
     def skip_next(self, count: int, epoch: int) -> None:
-        """Leave out the first ``count`` items when ``epoch`` is iterated (resuming mid-epoch); a
-        run that moves on to the next epoch instead (an end-of-epoch checkpoint) skips nothing."""
+        """Leave out the first ``count`` items of this rank's share when ``epoch`` is iterated
+        (resuming mid-epoch); a run that moves on to the next epoch instead (an end-of-epoch
+        checkpoint) skips nothing."""
         self.skip, self.skip_epoch = count, epoch
 
     def _seed(self, stream: int) -> int:
         return (self.seed * 1_000_003 + self.epoch * 2 + stream) % (1 << 63)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self._seed(0))).tolist()
+        if self.num_replicas > 1 and order:
+            # Repeat the permutation up to an even share per rank, then deal it out by rank.
+            order = (order * math.ceil(self.total_size / len(order)))[: self.total_size]
+            order = order[self.rank :: self.num_replicas]
         skip = self.skip if self.epoch == self.skip_epoch else 0
         self.skip = 0
         return iter(order[skip:])
 
     def __len__(self) -> int:
-        return self.size
+        return self.num_samples
 
 
 class ProbSegDataModule(pl.LightningDataModule):
@@ -121,21 +151,26 @@ class ProbSegDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled per epoch by :class:`EpochSampler`; a run resumed mid-epoch skips the batches it
-        already trained on, so the remaining ones are those of the uninterrupted run."""
+        """Shuffled per epoch by :class:`EpochSampler` and split over the DDP ranks; a run resumed
+        mid-epoch skips the batches it already trained on, so the remaining ones are those of the
+        uninterrupted run."""
         dataset = self.dataset("train")
         generator = torch.Generator()
-        sampler = EpochSampler(len(dataset), self.order_seed, generator)
         trainer = getattr(self, "trainer", None)
+        replicas, rank = _sampler_split(trainer)
+        sampler = self._train_sampler = EpochSampler(len(dataset), self.order_seed, generator, replicas, rank)
         if trainer is not None and getattr(trainer, "fit_loop", None) is not None:
             # Before Lightning iterates (worker processes start prefetching at once).
             sampler.set_epoch(trainer.current_epoch)
-            if trainer.fit_loop.restarting and trainer.world_size == 1:
+            if trainer.fit_loop.restarting:
                 # Batches of the restored epoch whose training step ran (a checkpoint written in
-                # on_train_batch_end counts its own batch as processed but not yet completed).
-                # Under DDP the sampler is wrapped per rank and the epoch restarts instead.
+                # on_train_batch_end counts its own batch as processed but not yet completed), on
+                # every rank alike. Together the ranks used the front of the epoch's dealt-out
+                # order; resumed on another number of ranks, that front is left out (rounded down:
+                # fewer than one item per rank is trained on twice).
                 done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-                sampler.skip_next(done * self.batch_size, epoch=trainer.current_epoch)
+                saved_replicas = getattr(self, "_saved_train_replicas", None) or replicas
+                sampler.skip_next(done * self.batch_size * saved_replicas // replicas, epoch=trainer.current_epoch)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -165,12 +200,45 @@ class ProbSegDataModule(pl.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: the augmentation generator, so a resumed run draws on."""
+        """Saved in checkpoints: the augmentation generators, so a resumed run draws on, and the
+        number of ranks the training order was split over.
+
+        Under DDP every rank's generator is gathered (a collective: Lightning builds checkpoints
+        on every rank, so every rank calls this); ``augmentation_rng`` stays rank 0's, the format
+        of one process.
+        """
+        from probseg.distributed import gather_from_ranks
+
         generator = getattr(self, "_aug_generator", None)
-        return {} if generator is None else {"augmentation_rng": generator.get_state()}
+        own = None if generator is None else generator.get_state()
+        state: dict[str, Any] = {}
+        sampler = getattr(self, "_train_sampler", None)
+        if sampler is not None:
+            state["train_replicas"] = sampler.num_replicas
+        per_rank = gather_from_ranks(own)
+        if per_rank is not None:
+            state["augmentation_rng_per_rank"] = per_rank
+        if own is not None:
+            state["augmentation_rng"] = own
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._aug_rng_to_load = state_dict.get("augmentation_rng")
+        from probseg.distributed import rank_and_world_size
+
+        rank, world = rank_and_world_size()
+        self._saved_train_replicas = state_dict.get("train_replicas")
+        per_rank = state_dict.get("augmentation_rng_per_rank")
+        if per_rank is not None and len(per_rank) == world:
+            self._aug_rng_to_load = per_rank[rank]  # each rank continues its own stream
+            return
+        # One process, an older checkpoint or another number of ranks: rank 0 continues the saved
+        # stream of rank 0 and the other ranks start theirs afresh.
+        saved = state_dict.get("augmentation_rng")
+        if saved is not None and (per_rank is not None or world > 1):
+            rank_zero_warn(f"the checkpoint's augmentation generators were saved by "
+                           f"{len(per_rank) if per_rank is not None else 'one'} process(es) and the run resumes on "
+                           f"{world}: only rank 0 continues its augmentation stream")
+        self._aug_rng_to_load = saved if rank == 0 else None
 
     def _augmentation_generator(self, device: torch.device, trainer: Any) -> torch.Generator:
         """One generator per process, seeded from torch's (Lightning-seeded) initial seed and the
@@ -182,7 +250,7 @@ class ProbSegDataModule(pl.LightningDataModule):
             seed = rank_seed(self.order_seed + 1, getattr(trainer, "global_rank", 0))
             generator = self._aug_generator = torch.Generator(device=device).manual_seed(seed)
             saved = getattr(self, "_aug_rng_to_load", None)
-            if saved is not None and getattr(trainer, "global_rank", 0) == 0:  # the saved state is rank 0's
+            if saved is not None:  # this rank's saved state (see load_state_dict)
                 generator.set_state(saved)
                 self._aug_rng_to_load = None
         return generator
