@@ -337,13 +337,34 @@ def _cross_entropy_cost(pred: torch.Tensor, target: torch.Tensor, eps: float,
     cpu = p.device.type == "cpu" if cpu_path is None else cpu_path
     step = max(1, _CE_CHUNK_ELEMENTS // per_image) if cpu else b
     log_lik = torch.zeros(b, s, target.shape[1], dtype=wide, device=p.device)
+    # numpy's SIMD log1p, clip and sum are about 3x torch's on CPU (measured, float32).
+    in_numpy = cpu and p.device.type == "cpu" and not p.requires_grad
     for i in range(0, b, step):
-        clamped = p[i : i + step].clamp(eps, 1 - eps)
+        if in_numpy:
+            array = np.clip(p[i : i + step].numpy(), eps, 1 - eps)
+            clamped = torch.from_numpy(array)
+        else:
+            clamped = p[i : i + step].clamp(eps, 1 - eps)
         log_lik[i : i + step] += _marked_logit_sums(clamped, target[i : i + step], windows[i : i + step], cpu)
-        log_lik[i : i + step] += clamped.neg_().log1p_().sum((-2, -1)).to(wide)[:, :, None]
+        if in_numpy:  # after the logit sums: the clamped chunk is overwritten in place
+            np.log1p(np.negative(array, out=array), out=array)
+            log_complement = torch.from_numpy(array.reshape(len(array), s, -1).sum(-1))
+        else:
+            log_complement = clamped.neg_().log1p_().sum((-2, -1))
+        log_lik[i : i + step] += log_complement.to(wide)[:, :, None]
     cost = -log_lik / (h * w)
-    both_empty = (p.flatten(2).sum(-1) == 0)[:, :, None] & (target.flatten(2).sum(-1) == 0)[:, None, :]
-    return torch.where(both_empty, torch.zeros_like(cost), cost).float()
+    # Both empty (cost 0) needs an empty rater: the predictions are only scanned in those images.
+    if target.device.type == "cpu":
+        empty_target = torch.from_numpy(~target.numpy().reshape(b, target.shape[1], -1).any(axis=-1))
+    else:
+        empty_target = ~target.flatten(2).any(dim=-1)
+    images = torch.nonzero(empty_target.any(dim=1)).flatten().to(p.device)
+    if len(images):
+        empty_pred = torch.zeros(b, s, dtype=torch.bool, device=p.device)
+        empty_pred[images] = ~(p[images].flatten(2) != 0).any(dim=-1)
+        both_empty = empty_pred[:, :, None] & empty_target.to(p.device)[:, None, :]
+        cost = torch.where(both_empty, torch.zeros_like(cost), cost)
+    return cost.float()
 
 
 _CE_CHUNK_ELEMENTS = 1 << 18
