@@ -310,11 +310,17 @@ def test_experiment_files_say_only_what_differs() -> None:
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO / "experiments")))
 def test_every_experiment_config_builds(config: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    options = yaml.safe_load(config.read_text())["model"]["init_args"].get("generator_options") or {}
+    if "encoder_name" in options:  # generator="smp": skips without the optional extra probseg[smp]
+        from tests.layers.test_generators import require_smp
+
+        require_smp()
     monkeypatch.chdir(tmp_path)  # the configs' relative run folders land here
     cli = _experiment(config)
     assert cli.trainer.default_root_dir == yaml.safe_load(config.read_text())["trainer"]["default_root_dir"]
     stem = config.stem.removesuffix("_paper")
     name = stem.removesuffix("_soft").removesuffix("_ls").removesuffix("_kd").removesuffix("_teacher")
+    name = name.removesuffix(f"_{options.get('encoder_name', '')}")  # e.g. unet_resnet50_soft.yaml
     assert cli.model.registry_name == name
     paper = config.stem.endswith("_paper")  # Wang et al.'s reference recipe (README, "Soft labels as in ...")
     recipe = "paper" if paper else "probseg"

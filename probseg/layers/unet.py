@@ -34,6 +34,7 @@ class UNet(nn.Module):
         num_filters = list(num_filters)
         self.in_channels = in_channels
         self.out_channels = num_filters[0]
+        self.bottleneck_channels = num_filters[-1]  # of the deepest features (``self.down(x)[-1]``)
         self.down = DownPath(in_channels, num_filters, convs_per_block)
         # Up level i takes the upsampled deeper features concatenated with the skip of level i.
         self.up = nn.ModuleList(

@@ -82,7 +82,8 @@ class CSAENetwork(ProbUNetNetwork):
         num_ot_samples: N_OT flowed samples per image and distribution.
         reconstruct_from, sinkhorn_posterior, sample_through_prior_flow: see
             :class:`ConditionalSinkhornAutoencoder`.
-        (other arguments as in :class:`~probseg.models.punet.ProbUNetNetwork`)
+        (other arguments as in :class:`~probseg.models.punet.ProbUNetNetwork`; ``generator_args``:
+        its ``generator`` and ``generator_options``)
 
     Forward outputs: ``logits``, ``posterior`` and ``prior`` (the base Normals, for the KL),
     ``ot_posterior`` and ``ot_prior`` ((B, N_OT, L) flowed samples, for the Sinkhorn term).
@@ -90,8 +91,9 @@ class CSAENetwork(ProbUNetNetwork):
 
     def __init__(self, in_channels: int, num_classes: int, num_filters: list[int], convs_per_block: int,
                  latent_dim: int, fcomb_layers: int, flow_steps: int, num_ot_samples: int, reconstruct_from: str,
-                 sinkhorn_posterior: str, sample_through_prior_flow: bool) -> None:
-        super().__init__(in_channels, num_classes, num_filters, convs_per_block, latent_dim, fcomb_layers)
+                 sinkhorn_posterior: str, sample_through_prior_flow: bool, **generator_args: Any) -> None:
+        super().__init__(in_channels, num_classes, num_filters, convs_per_block, latent_dim, fcomb_layers,
+                         **generator_args)
         self.num_ot_samples = num_ot_samples
         self.reconstruct_from = reconstruct_from
         self.sinkhorn_posterior = sinkhorn_posterior
@@ -211,7 +213,7 @@ class ConditionalSinkhornAutoencoder(ProbUNet):
         hp = self.hparams
         return CSAENetwork(self.in_channels, self.num_classes, hp.num_filters, hp.convs_per_block, hp.latent_dim,
                            hp.fcomb_layers, hp.flow_steps, hp.num_ot_samples, hp.reconstruct_from,
-                           hp.sinkhorn_posterior, hp.sample_through_prior_flow)
+                           hp.sinkhorn_posterior, hp.sample_through_prior_flow, **self.generator_arguments())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint written before an option existed trains on with the behaviour it was

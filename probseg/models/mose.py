@@ -53,7 +53,8 @@ import torch
 from torch import nn
 
 from probseg._ops import one_hot
-from probseg.layers import UNet, check_image
+from probseg.layers import build_generator, check_image
+from probseg.layers.generators import without_weights_file
 from probseg.layers.gaussian import Generators
 from probseg.models.base import ProbSegModel
 from probseg.models.network import Network, NetworkOutput
@@ -148,6 +149,10 @@ def relaxed_coupling(cost: np.ndarray, rater_mass: np.ndarray, cap: float, metho
 class MoSENetwork(Network):
     """MoSE's shared U-Net, experts, latent injection and gate.
 
+    Arguments as in :class:`MixtureOfStochasticExperts`; ``generator`` and ``generator_options``
+    choose the U-Net (:func:`~probseg.layers.generators.build_generator`), whose deepest features
+    feed the gate.
+
     Forward outputs: ``logits`` (log of the weighted mixture's probabilities, (B, K, H, W)),
     ``sample_logits`` (B, N, K, H, W) and ``sample_weights`` (B, N) of the N = K S_train training
     draws (differentiable in the gate).
@@ -156,7 +161,8 @@ class MoSENetwork(Network):
     weighted = True
 
     def __init__(self, in_channels: int, num_classes: int, num_filters: list[int], convs_per_block: int,
-                 num_experts: int, latent_dim: int, samples_per_expert: int, experts: str) -> None:
+                 num_experts: int, latent_dim: int, samples_per_expert: int, experts: str, generator: str = "unet",
+                 generator_options: dict[str, Any] | None = None) -> None:
         super().__init__()
         if num_experts < 1 or latent_dim < 1 or samples_per_expert < 1:
             raise ValueError(f"num_experts, latent_dim and samples_per_expert must be positive, got {num_experts}, "
@@ -167,8 +173,8 @@ class MoSENetwork(Network):
         self.in_channels, self.num_classes = in_channels, num_classes
         self.num_experts, self.latent_dim, self.samples_per_expert = num_experts, latent_dim, samples_per_expert
         self.experts = experts
-        self.unet = UNet(in_channels, num_filters, convs_per_block)
-        width, pooled = num_filters[0], num_filters[-1]
+        self.unet = build_generator(in_channels, num_filters, convs_per_block, generator, generator_options)
+        width, pooled = self.unet.out_channels, self.unet.bottleneck_channels
         self.gate = nn.Sequential(nn.Linear(pooled, pooled), nn.ReLU(), nn.Linear(pooled, pooled), nn.ReLU(),
                                   nn.Linear(pooled, num_experts, bias=False))
         if experts == "learned":
@@ -366,6 +372,9 @@ class MixtureOfStochasticExperts(ProbSegModel):
         beta: weight of the gate's KL (LIDC: 1).
         coupling: "exact" (the relaxed problem solved exactly) or "greedy" (the authors' code).
         gate_kl_reduction: "sum" (KL per image) or "mean" (the code's, also divided by N).
+        generator, generator_options: the encoder-decoder: ``"unet"`` (the zoo's, sized by
+            ``num_filters`` and ``convs_per_block``) or ``"smp"`` with options such as
+            ``{"encoder_name": "resnet18"}`` (:mod:`probseg.layers.generators`).
         **kwargs: the shared options of :class:`~probseg.models.base.ProbSegModel`; MoSE learns
             from every rater at once, so ``reconstruction``, ``loss_options`` and ``fusion`` are
             refused.
@@ -390,6 +399,8 @@ class MixtureOfStochasticExperts(ProbSegModel):
         beta: float = 1.0,
         coupling: str = "exact",
         gate_kl_reduction: str = "sum",
+        generator: str = "unet",
+        generator_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         for key in ("reconstruction", "loss_options"):
@@ -404,4 +415,5 @@ class MixtureOfStochasticExperts(ProbSegModel):
         super().__init__(**kwargs)
         self.objectives = [objective]
         self.network = MoSENetwork(self.in_channels, self.num_classes, num_filters, convs_per_block, num_experts,
-                                   latent_dim, samples_per_expert, experts)
+                                   latent_dim, samples_per_expert, experts, generator, generator_options)
+        self.hparams["generator_options"] = without_weights_file(generator_options)

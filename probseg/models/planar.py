@@ -38,11 +38,17 @@ class PlanarProbUNetNetwork(ProbUNetNetwork):
     Forward outputs: ``logits`` (from the first flowed posterior sample), ``posterior`` (the base
     q_0), ``prior``, and ``posterior_flow = (z0, log_det, z_k)``: M base samples (B, M, L), their
     summed log|det J| (B, M) and the flowed samples (B, M, L), for the Monte Carlo KL.
+
+    Arguments as in :class:`~probseg.models.punet.ProbUNetNetwork` (``generator_args``: its
+    ``generator`` and ``generator_options``), plus ``flow_steps`` and ``kl_samples`` of
+    :class:`PlanarProbUNet`.
     """
 
     def __init__(self, in_channels: int, num_classes: int, num_filters: list[int], convs_per_block: int,
-                 latent_dim: int, fcomb_layers: int, flow_steps: int, kl_samples: int) -> None:
-        super().__init__(in_channels, num_classes, num_filters, convs_per_block, latent_dim, fcomb_layers)
+                 latent_dim: int, fcomb_layers: int, flow_steps: int, kl_samples: int,
+                 **generator_args: Any) -> None:
+        super().__init__(in_channels, num_classes, num_filters, convs_per_block, latent_dim, fcomb_layers,
+                         **generator_args)
         self.kl_samples = kl_samples
         self.posterior_flow = AmortizedPlanarFlow(self.posterior.feature_dim, latent_dim, flow_steps)
 
@@ -80,4 +86,5 @@ class PlanarProbUNet(ProbUNet):
     def build_network(self) -> PlanarProbUNetNetwork:
         hp = self.hparams
         return PlanarProbUNetNetwork(self.in_channels, self.num_classes, hp.num_filters, hp.convs_per_block,
-                                     hp.latent_dim, hp.fcomb_layers, hp.flow_steps, hp.kl_samples)
+                                     hp.latent_dim, hp.fcomb_layers, hp.flow_steps, hp.kl_samples,
+                                     **self.generator_arguments())

@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from probseg.layers import Combiner, PosteriorEncoder, PriorEncoder, UNet
+from probseg.layers import Combiner, PosteriorEncoder, PriorEncoder, build_generator
+from probseg.layers.generators import without_weights_file
 from probseg.layers.gaussian import Generators, sample_set
 from probseg.models.base import ProbSegModel
 from probseg.models.network import Network, NetworkOutput
@@ -49,7 +50,10 @@ class ProbUNetNetwork(Network):
 
     Args:
         in_channels, num_classes, num_filters, convs_per_block, latent_dim, fcomb_layers: as in
-            :class:`ProbUNet`.
+            :class:`ProbUNet` (``num_filters`` and ``convs_per_block`` also size the prior and
+            posterior encoders, whatever the generator).
+        generator, generator_options: the encoder-decoder, see
+            :func:`~probseg.layers.generators.build_generator`.
 
     Forward outputs: ``logits`` (from one reparameterized posterior sample), ``posterior`` and
     ``prior`` (axis-aligned Normals, batch (B,), event (L,)), ``posterior_features`` (B, F), for
@@ -57,13 +61,14 @@ class ProbUNetNetwork(Network):
     """
 
     def __init__(self, in_channels: int, num_classes: int, num_filters: list[int], convs_per_block: int,
-                 latent_dim: int, fcomb_layers: int) -> None:
+                 latent_dim: int, fcomb_layers: int, generator: str = "unet",
+                 generator_options: dict[str, Any] | None = None) -> None:
         super().__init__()
         num_filters = list(num_filters)
-        self.unet = UNet(in_channels, num_filters, convs_per_block)
+        self.unet = build_generator(in_channels, num_filters, convs_per_block, generator, generator_options)
         self.prior = PriorEncoder(in_channels, num_filters, convs_per_block, latent_dim)
         self.posterior = PosteriorEncoder(in_channels, num_classes, num_filters, convs_per_block, latent_dim)
-        self.fcomb = Combiner(num_filters[0], latent_dim, num_classes, fcomb_layers)
+        self.fcomb = Combiner(self.unet.out_channels, latent_dim, num_classes, fcomb_layers)
 
     def encode(self, batch: dict[str, Any], target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What every training pass starts from: images, the U-Net features (B, F, H, W) and the
@@ -103,6 +108,9 @@ class ProbUNet(ProbSegModel):
             steps (0: no warm-up). Validation and test always use ``beta``.
         free_bits: lambda, a floor in nats on the batch-mean KL of each latent dimension
             (0: off); see the module docstring.
+        generator, generator_options: the encoder-decoder: ``"unet"`` (the zoo's, sized by
+            ``num_filters`` and ``convs_per_block``) or ``"smp"`` with options such as
+            ``{"encoder_name": "resnet18"}`` (:mod:`probseg.layers.generators`).
         **kwargs: the shared options of :class:`~probseg.models.base.ProbSegModel` (``in_channels``,
             ``num_classes``, ``fusion``, ``reconstruction``, ``lr``, ``teacher``, ...).
 
@@ -122,15 +130,22 @@ class ProbUNet(ProbSegModel):
         beta: float = 1.0,
         kl_warmup_steps: int = 0,
         free_bits: float = 0.0,
+        generator: str = "unet",
+        generator_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.kl_objective = KLDivergence(beta, kl_warmup_steps, free_bits)
         self.objectives = [self.kl_objective]
         self.network = self.build_network()
+        self.hparams["generator_options"] = without_weights_file(generator_options)
+
+    def generator_arguments(self) -> dict[str, Any]:
+        """The generator options of the network (subclasses pass them to their larger network)."""
+        return {"generator": self.hparams.generator, "generator_options": self.hparams.generator_options}
 
     def build_network(self) -> ProbUNetNetwork:
         """The network of this model from its hyperparameters (subclasses build a larger one)."""
         hp = self.hparams
         return ProbUNetNetwork(self.in_channels, self.num_classes, hp.num_filters, hp.convs_per_block, hp.latent_dim,
-                               hp.fcomb_layers)
+                               hp.fcomb_layers, **self.generator_arguments())

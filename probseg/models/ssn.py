@@ -44,7 +44,8 @@ import torch
 from torch import nn
 from torch.distributions import LowRankMultivariateNormal
 
-from probseg.layers import UNet
+from probseg.layers import build_generator
+from probseg.layers.generators import without_weights_file
 from probseg.layers.gaussian import Generators
 from probseg.models.base import ProbSegModel
 from probseg.models.network import Network, NetworkOutput
@@ -100,19 +101,22 @@ class SSNNetwork(Network):
     Args:
         in_channels, num_classes, num_filters, convs_per_block, rank, eps, roi: as in
             :class:`StochasticSegmentationNetwork`.
+        generator, generator_options: the encoder-decoder, see
+            :func:`~probseg.layers.generators.build_generator`.
 
     Forward outputs: ``logits`` (the mean mu, (B, K, H, W)), ``loc`` (B, N), ``factor`` (B, N, r)
     and ``diag`` (B, N), N = K H W.
     """
 
     def __init__(self, in_channels: int, num_classes: int, num_filters: list[int], convs_per_block: int,
-                 rank: int, eps: float, roi: str) -> None:
+                 rank: int, eps: float, roi: str, generator: str = "unet",
+                 generator_options: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.rank = rank
         self.eps = eps
         self.roi = roi
-        self.unet = UNet(in_channels, list(num_filters), convs_per_block)
+        self.unet = build_generator(in_channels, num_filters, convs_per_block, generator, generator_options)
         width = self.unet.out_channels
         self.mean = nn.Conv2d(width, num_classes, 1)
         self.log_diag = nn.Conv2d(width, num_classes, 1)
@@ -219,6 +223,9 @@ class StochasticSegmentationNetwork(ProbSegModel):
         eps: floor added to the diagonal D (the authors' code: 1e-5).
         roi: ``"none"`` or ``"nonzero"``: zero P and D outside the pixels where the image is
             non-zero (the authors' BraTS code).
+        generator, generator_options: the encoder-decoder: ``"unet"`` (the zoo's, sized by
+            ``num_filters`` and ``convs_per_block``) or ``"smp"`` with options such as
+            ``{"encoder_name": "resnet18"}`` (:mod:`probseg.layers.generators`).
         **kwargs: the shared options of :class:`~probseg.models.base.ProbSegModel`. The SSN's
             likelihood replaces the reconstruction loss, so ``reconstruction`` and
             ``loss_options`` are refused; ``fusion`` chooses the target as for every model.
@@ -238,6 +245,8 @@ class StochasticSegmentationNetwork(ProbSegModel):
         antithetic: bool = False,
         eps: float = 1e-5,
         roi: str = "none",
+        generator: str = "unet",
+        generator_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         for key in ("reconstruction", "loss_options"):
@@ -252,4 +261,6 @@ class StochasticSegmentationNetwork(ProbSegModel):
         likelihood = SSNLikelihood(mc_samples, antithetic)
         super().__init__(**kwargs)
         self.objectives = [likelihood]
-        self.network = SSNNetwork(self.in_channels, self.num_classes, num_filters, convs_per_block, rank, eps, roi)
+        self.network = SSNNetwork(self.in_channels, self.num_classes, num_filters, convs_per_block, rank, eps, roi,
+                                  generator, generator_options)
+        self.hparams["generator_options"] = without_weights_file(generator_options)

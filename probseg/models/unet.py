@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from probseg.layers import UNet, channel_dropout_masks, check_image
+from probseg.layers import build_generator, channel_dropout_masks, check_image
+from probseg.layers.generators import without_weights_file
 from probseg.layers.gaussian import Generators
 from probseg.models.base import ProbSegModel
 from probseg.models.network import Network, NetworkOutput
@@ -34,13 +35,16 @@ class UNetNetwork(Network):
     Args:
         in_channels, num_classes, num_filters, convs_per_block, dropout, dropout_position: as in
             :class:`UNetBaseline`.
+        generator, generator_options: the encoder-decoder, see
+            :func:`~probseg.layers.generators.build_generator`.
 
     Forward outputs: ``logits`` (B, K, H, W), with one dropout draw in training mode and none in
     evaluation mode.
     """
 
     def __init__(self, in_channels: int, num_classes: int, num_filters: list[int], convs_per_block: int,
-                 dropout: float = 0.0, dropout_position: str = "head") -> None:
+                 dropout: float = 0.0, dropout_position: str = "head", generator: str = "unet",
+                 generator_options: dict[str, Any] | None = None) -> None:
         super().__init__()
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
@@ -49,7 +53,7 @@ class UNetNetwork(Network):
         self.in_channels = in_channels
         self.dropout = float(dropout)
         self.dropout_position = dropout_position
-        self.unet = UNet(in_channels, list(num_filters), convs_per_block)
+        self.unet = build_generator(in_channels, num_filters, convs_per_block, generator, generator_options)
         self.head = nn.Conv2d(self.unet.out_channels, num_classes, 1)
 
     @property
@@ -109,6 +113,9 @@ class UNetBaseline(ProbSegModel):
         dropout_position: "head" (the last feature map only: the U-Net runs once per image and
             the S hypotheses cost one 1x1 convolution each) or "decoder" (also the input of every
             up block: the decoder runs once per hypothesis, on a batch of B * S).
+        generator, generator_options: the encoder-decoder: ``"unet"`` (the zoo's, sized by
+            ``num_filters`` and ``convs_per_block``) or ``"smp"`` with options such as
+            ``{"encoder_name": "resnet18"}`` (:mod:`probseg.layers.generators`).
         **kwargs: the shared options of :class:`~probseg.models.base.ProbSegModel` (``in_channels``,
             ``num_classes``, ``fusion``, ``reconstruction``, ``lr``, ``teacher``, ...).
 
@@ -122,8 +129,11 @@ class UNetBaseline(ProbSegModel):
         convs_per_block: int = 3,
         dropout: float = 0.0,
         dropout_position: str = "head",
+        generator: str = "unet",
+        generator_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.network = UNetNetwork(self.in_channels, self.num_classes, num_filters, convs_per_block, dropout,
-                                   dropout_position)
+                                   dropout_position, generator, generator_options)
+        self.hparams["generator_options"] = without_weights_file(generator_options)

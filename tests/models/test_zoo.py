@@ -38,6 +38,16 @@ def _batch(b: int = 2, r: int = 3, size: int = 32) -> dict:
     }
 
 
+def fit_one_step(model: pl.LightningModule, path: Path) -> Path:
+    """One training step on tiny synthetic data, then the checkpoint saved at ``path``."""
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=path.parent,
+                         limit_val_batches=0)
+    trainer.fit(model, datamodule=SyntheticDataModule(image_size=32, num_train=4, num_val=2, num_test=2, batch_size=4))
+    trainer.save_checkpoint(path)
+    return path
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_registered_model(name: str, tmp_path: Path) -> None:
     assert name in TINY_ARGS, f"add tiny constructor arguments for {name!r} to TINY_ARGS"
@@ -53,13 +63,7 @@ def test_every_registered_model(name: str, tmp_path: Path) -> None:
     samples = model.sample(_batch()["image"], 4)
     assert samples.shape == (2, 4, model.num_classes, 32, 32)
 
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         limit_val_batches=0)
-    trainer.fit(model, datamodule=SyntheticDataModule(image_size=32, num_train=4, num_val=2, num_test=2, batch_size=4))
-    path = tmp_path / f"{name}.ckpt"
-    trainer.save_checkpoint(path)
-    loaded = probseg.load_model(path)
+    loaded = probseg.load_model(fit_one_step(model, tmp_path / f"{name}.ckpt"))
     assert type(loaded) is type(model)
     x = _batch()["image"]
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
