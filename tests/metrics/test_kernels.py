@@ -500,3 +500,27 @@ def test_a_set_against_itself_is_packed_once_and_equals_the_brute_force(dtype: t
     same = pairwise_cost(x, x, "iou")
     np.testing.assert_allclose(same.numpy(), ref_cost(pred, pred, "iou"), rtol=1e-6, atol=ATOL)
     np.testing.assert_array_equal(same.numpy(), pairwise_cost(x, x.clone(), "iou").numpy())
+
+
+@pytest.mark.parametrize("route", ["direct", "public"])
+def test_squared_distances_equal_the_brute_force_on_either_scipy_route(route: str, monkeypatch: pytest.MonkeyPatch
+                                                                         ) -> None:
+    """The distance maps behind the CPU Hausdorff kernel, through scipy's kernel called directly
+    or through its public wrapper (the route a scipy without the private entry point takes):
+    min over foreground pixels of the squared distance, 0 for an empty mask."""
+    if route == "public":
+        monkeypatch.setattr(kernels_module, "_feature_transform", lambda: kernels_module._feature_transform_public)
+    rng = np.random.default_rng(3)
+    masks = rng.random((5, 9, 13)) < 0.08
+    masks[0] = False  # empty
+    masks[1] = False
+    masks[1, 4, 6] = True  # one pixel
+    got = kernels_module._squared_distances_scipy(masks)
+    rows, cols = np.indices((9, 13))
+    for i, mask in enumerate(masks):
+        pts = np.argwhere(mask)
+        if len(pts) == 0:
+            expect = np.zeros((9, 13))
+        else:
+            expect = ((rows[..., None] - pts[:, 0]) ** 2 + (cols[..., None] - pts[:, 1]) ** 2).min(-1)
+        np.testing.assert_array_equal(got[i], expect, err_msg=f"mask {i}")
