@@ -248,7 +248,7 @@ def _union_over_set(masks: np.ndarray) -> np.ndarray:
 
 def _common_crop(masks: torch.Tensor, windows: list[tuple[int, int, int, int] | None]) -> torch.Tensor:
     """(B, N, h, w): one window size for the batch (the largest box), placed over each image's box."""
-    b, _, height, width = masks.shape
+    _, _, height, width = masks.shape
     boxes = [w for w in windows if w is not None]
     h = max(r1 - r0 for r0, r1, _, _ in boxes)
     w = max(c1 - c0 for _, _, c0, c1 in boxes)
