@@ -58,7 +58,12 @@ LATENT_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 """Rows of ``--latent``; the mixed objective's rows are added when the PU-Net has it."""
 
 NETWORK = {"in_channels": 1, "num_classes": 2, "num_filters": [16, 32, 64, 64], "convs_per_block": 2}
-LATENT = {"latent_dim": 6, "fcomb_layers": 4, "beta": 1.0}
+IMAGE_SIZE = 64
+"""Both datasets are 64 x 64 crops (checked at run time)."""
+LATENT = {"latent_dim": 6, "fcomb_layers": 4,
+          # The paper's CE is 0.25 x its mean over pixels, so the KL gets the same factor per pixel:
+          # against the CE it weighs as in the ELBO with summed CE and beta 1.
+          "beta": PAPER["reconstruction"]["ce"] / IMAGE_SIZE**2}
 
 CSV_FIELDS = ["dataset", "variant", "seed", "steps", "dice", "dice_pooled", "bdice", "ece", "ece_pooled", "ged",
               "hm_iou", "diversity", "wall_s"]
@@ -66,13 +71,14 @@ METRICS = ["dice", "dice_pooled", "bdice", "ece", "ece_pooled", "ged", "hm_iou",
 
 
 def mixed_variants() -> dict[str, tuple[str, dict[str, Any]]]:
-    """The mixed objective's rows, when the PU-Net takes ``soft_region`` (one random rater for the
-    posterior and reconstruction, a DML1 term between the predictive mean and the fused mean)."""
+    """The mixed objective's rows, when the task takes ``soft_region`` (a shared option of every
+    zoo model: one random rater for the posterior and reconstruction, a DML1 term between the
+    predictive mean of prior hypotheses and the fused mean)."""
     import inspect
 
-    from probseg.models import MODELS
+    from probseg.models import ProbSegModel
 
-    if "soft_region" not in inspect.signature(MODELS["punet"].__init__).parameters:
+    if "soft_region" not in inspect.signature(ProbSegModel.__init__).parameters:
         return {}
     return {"punet-random+soft": ("punet", {"fusion": "random", "soft_region": {"fusion": "mean", "weight": 1.0}})}
 
@@ -145,6 +151,10 @@ def run_one(job: tuple) -> dict[str, Any]:
     name, args = model_args(variant, latent, lr)
     model = MODELS[name](**args)
     dm = data_module(dataset, lidc, batch_size)
+    dm.setup("fit")
+    size = tuple(dm.dataset("train")[0]["image"].shape[-2:])
+    if size != (IMAGE_SIZE, IMAGE_SIZE):
+        raise SystemExit(f"{dataset}: images are {size}, the latent rows' beta assumes {IMAGE_SIZE}x{IMAGE_SIZE}")
     root = Path(out) / dataset / variant / f"seed{seed}"
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          default_root_dir=str(root), enable_progress_bar=False, enable_model_summary=False,

@@ -33,6 +33,8 @@ def test_rows_set_their_fusion_and_the_paper_recipe() -> None:
         assert args["reconstruction"] == {"ce": 0.25, "dml1": 0.75}
         assert args["loss_options"] == {"recipe": "paper"} and args["fusion_options"] == {"recipe": "paper"}
         assert ("latent_dim" in args) == (name != "unet")
+        if name != "unet":  # CE as 0.25 x the pixel mean: the KL scaled alike keeps the ELBO's balance
+            assert args["beta"] == pytest.approx(0.25 / 64**2)
         fusions[variant] = args["fusion"]
         MODELS[name](**args)  # every row builds
     assert {v: fusions[v] for v in study.VARIANTS} == {
