@@ -75,6 +75,12 @@ class ProbSegModel(pl.LightningModule):
         fusion_options: ``recipe`` ("probseg" or "paper": Wang et al.'s reference code) and the
             fusion details it sets: ``zero_dice``, ``smoothing_label``, ``smoothing_region``,
             ``boundary_width`` (see :func:`probseg.data.fusion.fuse_raters`).
+        soft_region: the mixed objective's soft-label term (:class:`~probseg.models.objectives.SoftRegion`),
+            e.g. ``{"fusion": "mean", "weight": 1.0}``: a region loss (``loss``, default "dml1", with
+            ``loss_options``) between the predictive mean of ``samples`` (default 4) prior
+            hypotheses and the fused map of all raters (``fusion``: "mean" or "weighted_mean"),
+            logged as ``{stage}/soft_region``; the posterior and the reconstruction keep ``fusion``
+            (for a latent model, "random"). None (default): off.
 
     Gradient clipping is a Trainer setting (``trainer.gradient_clip_val``).
     """
@@ -129,6 +135,7 @@ class ProbSegModel(pl.LightningModule):
         distillation: dict[str, Any] | None = None,
         channels_last: bool = True,
         fusion_options: dict[str, Any] | None = None,
+        soft_region: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if type(self) is ProbSegModel:
@@ -260,7 +267,8 @@ class ProbSegModel(pl.LightningModule):
         """
         target = self.reconstruction.target(batch, generator, checked=checked)
         outputs = self.network(batch, target, generator)
-        context = StepContext(batch, target, outputs, self.network, generator, self.training, self.global_step, stage)
+        context = StepContext(batch, target, outputs, self.network, generator, self.training, self.global_step, stage,
+                              checked)
         terms = LossTerms()
         own = [self.reconstruction] if self.reconstructs else []
         for objective in [*own, *self.objectives, *(self.extra_objectives if stage else ())]:

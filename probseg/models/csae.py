@@ -86,7 +86,9 @@ class CSAENetwork(ProbUNetNetwork):
         its ``generator`` and ``generator_options``)
 
     Forward outputs: ``logits``, ``posterior`` and ``prior`` (the base Normals, for the KL),
-    ``ot_posterior`` and ``ot_prior`` ((B, N_OT, L) flowed samples, for the Sinkhorn term).
+    ``ot_posterior`` and ``ot_prior`` ((B, N_OT, L) flowed samples, for the Sinkhorn term),
+    ``features`` and ``prior_features`` (what this step's prior hypotheses decode:
+    :meth:`prior_parts`).
     """
 
     def __init__(self, in_channels: int, num_classes: int, num_filters: list[int], convs_per_block: int,
@@ -119,7 +121,7 @@ class CSAENetwork(ProbUNetNetwork):
             zq = self.aggregate_posterior_samples(batch, generator)
         zp, _ = self.prior_flow(p_features, sample_set(prior, self.num_ot_samples, generator))
         return {"logits": self.fcomb(features, z_rec), "posterior": posterior, "prior": prior,
-                "ot_posterior": zq, "ot_prior": zp}
+                "ot_posterior": zq, "ot_prior": zp, "features": features, "prior_features": p_features}
 
     def aggregate_posterior_samples(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """N_OT flowed samples of each image's aggregate posterior, (B, N_OT, L): slot j of image b
@@ -143,13 +145,20 @@ class CSAENetwork(ProbUNetNetwork):
         zq, _ = self.posterior_flow(features.flatten(0, 1), z0)
         return zq.unflatten(0, (b, n))
 
-    def sample(self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None) -> torch.Tensor:
-        if not self.sample_through_prior_flow:
-            return super().sample(images, num_samples, generator)
-        features = self.unet(images)
+    def prior_parts(self, images: torch.Tensor) -> NetworkOutput:
+        """``features``, ``prior`` and the prior encoder's ``prior_features`` (the prior flow's
+        amortization), the keys of the same name in the forward outputs."""
         p_features = self.prior.encode(images)
-        z, _ = self.prior_flow(p_features, sample_set(self.prior.distribution(p_features), num_samples, generator))
-        return self.fcomb(features, z)
+        return {"features": self.unet(images), "prior": self.prior.distribution(p_features),
+                "prior_features": p_features}
+
+    def decode_prior(self, parts: NetworkOutput, num_samples: int, generator: Generators = None) -> torch.Tensor:
+        """S hypotheses from base prior draws, or with ``sample_through_prior_flow`` from their
+        images under the prior flow, (B, S, K, H, W) logits."""
+        if not self.sample_through_prior_flow:
+            return super().decode_prior(parts, num_samples, generator)
+        z, _ = self.prior_flow(parts["prior_features"], sample_set(parts["prior"], num_samples, generator))
+        return self.fcomb(parts["features"], z)
 
 
 @register_model("csae")

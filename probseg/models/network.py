@@ -83,10 +83,26 @@ class Network(nn.Module):
 
         Args:
             outputs: this step's :meth:`forward` outputs for the same images; a network whose
-                training pass already is its predictive returns it instead of running again.
+                training pass already is its predictive returns it instead of running again, one
+                whose training pass computed what its hypotheses start from (a PU-Net's U-Net
+                features and prior) reuses that.
         """
-        samples = self.sample(images, 1 if self.deterministic else num_samples, generator)
-        log_probs = samples.float().log_softmax(dim=2)
-        if log_probs.shape[1] == 1:
-            return log_probs[:, 0]
-        return log_probs.logsumexp(dim=1) - math.log(log_probs.shape[1])
+        return log_mean_softmax(self.sample(images, 1 if self.deterministic else num_samples, generator))
+
+
+def log_mean_softmax(samples: torch.Tensor) -> torch.Tensor:
+    """Log of the mean softmax of a set of hypotheses, in float32.
+
+    .. math:: \\log \\bar p = \\log \\frac{1}{S} \\sum_s \\mathrm{softmax}(\\ell_s)
+
+    Args:
+        samples: (B, S, K, H, W) logits.
+
+    Returns:
+        (B, K, H, W) log-probabilities (logsumexp over the set, so a class that one hypothesis
+        gives all its mass stays finite).
+    """
+    log_probs = samples.float().log_softmax(dim=2)
+    if log_probs.shape[1] == 1:
+        return log_probs[:, 0]
+    return log_probs.logsumexp(dim=1) - math.log(log_probs.shape[1])

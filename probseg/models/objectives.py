@@ -4,8 +4,8 @@ scalar loss terms.
 The task (:class:`probseg.models.base.ProbSegModel`) runs, in this order, its
 :class:`Reconstruction` (every model), the model's own objectives (:class:`KLDivergence` for the
 latent models, :class:`SinkhornDivergence` for the cSAE) and the optional objectives its
-configuration adds (distillation, :func:`optional_objectives`). Each returns :class:`LossTerms`;
-the training loss is the sum of all terms.
+configuration adds (:func:`optional_objectives`: the mixed objective's :class:`SoftRegion` term,
+distillation). Each returns :class:`LossTerms`; the training loss is the sum of all terms.
 
 Monte Carlo KL of a flowed posterior (Valiuddin et al. 2021, 2p-planar):
 
@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.distributions import Independent, kl_divergence
 
-from probseg.data.fusion import FUSIONS, training_target
+from probseg.data.fusion import FUSIONS, fuse_raters, training_target
 from probseg.data.fusion import fusion_options as resolve_fusion_options
+from probseg.losses import functional as L
 from probseg.losses.reconstruction import ReconstructionLoss
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ class StepContext:
         training: the task is in training mode (validation and test are not).
         step: the trainer's global step (0 outside a trainer).
         stage: "train", "val" or "test"; None outside a trainer step.
+        checked: the batch passed :func:`probseg.data.batch.check_batch` (an objective that fuses
+            its raters again skips the rater checks and their host synchronisation).
     """
 
     batch: dict[str, Any]
@@ -75,6 +78,7 @@ class StepContext:
     training: bool = False
     step: int = 0
     stage: str | None = None
+    checked: bool = False
 
 
 class Objective:
@@ -99,6 +103,14 @@ class Objective:
 
     def load_checkpoint_metadata(self, metadata: Mapping[str, Any]) -> None:
         """Read back what :meth:`checkpoint_metadata` wrote, when a checkpoint is loaded."""
+
+
+def resolved_fusion_options(fusion_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A model's ``fusion_options`` with its recipe's defaults filled in and checked: ``recipe``
+    plus the options of :func:`probseg.data.fusion.fuse_raters` it sets."""
+    options = dict(fusion_options or {})
+    recipe = options.pop("recipe", "probseg")
+    return {"recipe": recipe, **resolve_fusion_options(recipe, **options)}
 
 
 class Reconstruction(Objective):
@@ -135,9 +147,7 @@ class Reconstruction(Objective):
         self.num_classes = num_classes
         self.fusion = fusion
         self.label_smoothing = label_smoothing
-        options = dict(fusion_options or {})
-        recipe = options.pop("recipe", "probseg")
-        self.fusion_options = {"recipe": recipe, **resolve_fusion_options(recipe, **options)}  # checked here
+        self.fusion_options = resolved_fusion_options(fusion_options)  # checked here
 
     @property
     def weights(self) -> dict[str, float]:
@@ -393,3 +403,119 @@ def optional_objectives(options: Mapping[str, Any]) -> list[Objective]:
     """The objectives a model's hyperparameters ``options`` ask for, in registration order."""
     found = (factory(options) for factory in OPTIONAL_OBJECTIVES.values())
     return [objective for objective in found if objective is not None]
+
+
+SOFT_REGION_KEYS = ("fusion", "weight", "loss", "samples")
+"""Keys of a model's ``soft_region:`` mapping (:class:`SoftRegion`)."""
+
+SOFT_REGION_FUSIONS = ("mean", "weighted_mean")
+"""Fused maps of all raters a :class:`SoftRegion` term can aim at."""
+
+
+class SoftRegion(Objective):
+    """The mixed objective's soft-label term (issue 21, item 5): a region loss between the
+    model's predictive mean and the fused map of all raters, term ``soft_region``.
+
+    Fused targets collapse a latent model's hypotheses: a target that is the same at every step
+    gives the posterior nothing to tell apart. The mixed objective keeps the model's own target
+    (``fusion: random``, one rater per image per step) for the posterior and the reconstruction,
+    so the latent still separates the raters, and adds
+
+    .. math::
+        w \\, \\Delta\\big(\\bar p, \\bar y\\big), \\qquad
+        \\bar p = \\frac{1}{M} \\sum_{m=1}^{M} \\mathrm{softmax}\\big(f(x, z_m)\\big), \\quad
+        z_m \\sim p(z \\mid x)
+
+    with Delta a region loss (DML1 by default: Wang et al., "Dice Semimetric Losses", eq. 4) and
+    y-bar the fused map of the image's present raters (uniform or Dice-weighted mean).
+
+    Why the prior and not the posterior: at test time there is no label, the hypotheses are prior
+    draws and the predictive mean the metrics score is their mean, so the term shapes exactly
+    that. Posterior draws are conditioned on the one rater of the step: their mean is that
+    rater's map, not the raters' spread, and pulling it towards the fused map would teach the
+    posterior to ignore its label, the collapse the mixed objective avoids. The draws are
+    reparameterized, so the gradient reaches the prior net, the combiner and the U-Net; the
+    posterior gets none from this term.
+
+    Cost: the network's :meth:`~probseg.models.network.Network.predictive_log_probabilities`
+    with this step's outputs; the PU-Net family (punet, planar, csae) reuses the U-Net features
+    and the prior of the training pass, so only the combiner runs M more times. Other networks
+    draw M hypotheses afresh (a second pass).
+
+    The loss has the reconstruction's ``loss_options`` (its recipe, pixel reduction and region
+    options), so the weight is on the reconstruction's scale; the fusion has the model's
+    ``fusion_options``. The term is computed at every stage (``val/soft_region`` and
+    ``test/soft_region`` too).
+
+    Args:
+        num_classes: K.
+        fusion: the fused map, one of :data:`SOFT_REGION_FUSIONS`.
+        weight: w, positive.
+        loss: a region loss of :data:`probseg.losses.functional.REGION_LOSSES`.
+        samples: M, prior hypotheses averaged into the predictive mean.
+        loss_options: the model's ``loss_options``.
+        fusion_options: the model's ``fusion_options``.
+    """
+
+    name = "soft_region"
+
+    def __init__(self, num_classes: int, fusion: str = "mean", weight: float = 1.0, loss: str = "dml1",
+                 samples: int = 4, loss_options: Mapping[str, Any] | None = None,
+                 fusion_options: Mapping[str, Any] | None = None) -> None:
+        if fusion not in SOFT_REGION_FUSIONS:
+            raise ValueError(f"soft_region.fusion must be one of {SOFT_REGION_FUSIONS} (a fused map of all raters; "
+                             f"the posterior and the reconstruction keep the model's fusion), got {fusion!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"soft_region.weight must be a number, got {weight!r}")
+        if not 0 < weight < float("inf"):
+            raise ValueError(f"soft_region.weight must be positive and finite (leave soft_region out to turn the "
+                             f"term off), got {weight}")
+        if loss not in L.REGION_LOSSES:
+            raise ValueError(f"soft_region.loss must be a region loss, one of {L.REGION_LOSSES}, got {loss!r}")
+        if isinstance(samples, bool) or not isinstance(samples, int):
+            raise TypeError(f"soft_region.samples must be an integer, got {samples!r}")
+        if samples < 1:
+            raise ValueError(f"soft_region.samples must be at least 1, got {samples}")
+        self.num_classes = num_classes
+        self.fusion = fusion
+        self.weight = float(weight)
+        self.kind = loss
+        self.samples = samples
+        self.loss = ReconstructionLoss({loss: self.weight}, **dict(loss_options or {}))
+        self.fusion_options = resolved_fusion_options(fusion_options)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None, num_classes: int,
+                    loss_options: Mapping[str, Any] | None = None,
+                    fusion_options: Mapping[str, Any] | None = None) -> SoftRegion | None:
+        """The term a model's ``soft_region`` argument asks for (None: off)."""
+        if config is None:
+            return None
+        if not isinstance(config, Mapping):
+            raise TypeError(f"soft_region must be a mapping with keys from {SOFT_REGION_KEYS}, e.g. "
+                            f"{{'fusion': 'mean', 'weight': 1.0}}, got {config!r}")
+        unknown = sorted(set(config) - set(SOFT_REGION_KEYS))
+        if unknown:
+            raise ValueError(f"unknown soft_region keys {unknown}; expected names from {SOFT_REGION_KEYS}")
+        return cls(num_classes, loss_options=loss_options, fusion_options=fusion_options, **config)
+
+    def target(self, batch: Mapping[str, Any], checked: bool = False) -> torch.Tensor:
+        """The fused map of each image's present raters, (B, K, H, W) float32."""
+        return fuse_raters(batch["masks"], batch.get("rater_mask"), self.num_classes, self.fusion, checked=checked,
+                           **self.fusion_options)
+
+    def __call__(self, context: StepContext) -> LossTerms:
+        log_probs = context.network.predictive_log_probabilities(context.batch["image"], self.samples,
+                                                                 context.generator, outputs=context.outputs)
+        target = self.target(context.batch, context.checked).to(log_probs.dtype)
+        # log p-bar is a logit vector of p-bar (softmax(log p) = p): the reconstruction's loss applies as it is.
+        (value,) = self.loss(log_probs, target).values()
+        return LossTerms({"soft_region": value})
+
+
+@register_optional_objective("soft_region")
+def soft_region_from_options(options: Mapping[str, Any]) -> SoftRegion | None:
+    """The :class:`SoftRegion` term a model's shared options (``soft_region``, ``num_classes``,
+    ``loss_options``, ``fusion_options``) ask for, or None."""
+    return SoftRegion.from_config(options.get("soft_region"), options["num_classes"], options.get("loss_options"),
+                                  options.get("fusion_options"))

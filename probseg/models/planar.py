@@ -37,7 +37,8 @@ class PlanarProbUNetNetwork(ProbUNetNetwork):
 
     Forward outputs: ``logits`` (from the first flowed posterior sample), ``posterior`` (the base
     q_0), ``prior``, and ``posterior_flow = (z0, log_det, z_k)``: M base samples (B, M, L), their
-    summed log|det J| (B, M) and the flowed samples (B, M, L), for the Monte Carlo KL.
+    summed log|det J| (B, M) and the flowed samples (B, M, L), for the Monte Carlo KL; ``features``
+    (the U-Net's, as in :class:`~probseg.models.punet.ProbUNetNetwork`).
 
     Arguments as in :class:`~probseg.models.punet.ProbUNetNetwork` (``generator_args``: its
     ``generator`` and ``generator_options``), plus ``flow_steps`` and ``kl_samples`` of
@@ -60,7 +61,7 @@ class PlanarProbUNetNetwork(ProbUNetNetwork):
         z0 = sample_set(base, self.kl_samples, generator)  # (B, M, L)
         z_k, log_det = self.posterior_flow(q_features, z0)
         return {"logits": self.fcomb(features, z_k[:, 0]), "posterior": base, "prior": prior,
-                "posterior_flow": (z0, log_det, z_k)}
+                "posterior_flow": (z0, log_det, z_k), "features": features}
 
 
 @register_model("planar")

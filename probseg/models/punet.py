@@ -40,7 +40,7 @@ from probseg.layers import Combiner, PosteriorEncoder, PriorEncoder, build_gener
 from probseg.layers.generators import without_weights_file
 from probseg.layers.gaussian import Generators, sample_set
 from probseg.models.base import ProbSegModel
-from probseg.models.network import Network, NetworkOutput
+from probseg.models.network import Network, NetworkOutput, log_mean_softmax
 from probseg.models.objectives import KLDivergence
 from probseg.models.registry import register_model
 
@@ -56,8 +56,9 @@ class ProbUNetNetwork(Network):
             :func:`~probseg.layers.generators.build_generator`.
 
     Forward outputs: ``logits`` (from one reparameterized posterior sample), ``posterior`` and
-    ``prior`` (axis-aligned Normals, batch (B,), event (L,)), ``posterior_features`` (B, F), for
-    subclasses that amortize more from them.
+    ``prior`` (axis-aligned Normals, batch (B,), event (L,)) and ``features``, the U-Net's last
+    feature map (B, F, H, W), from which :meth:`predictive_log_probabilities` draws this step's
+    prior hypotheses without running the U-Net again.
     """
 
     def __init__(self, in_channels: int, num_classes: int, num_filters: list[int], convs_per_block: int,
@@ -82,16 +83,37 @@ class ProbUNetNetwork(Network):
         posterior = self.posterior.distribution(q_features)
         prior = self.prior(images)
         z = sample_set(posterior, 1, generator)[:, 0]  # reparameterized: gradients reach q
-        return {"logits": self.fcomb(features, z), "posterior": posterior, "prior": prior}
+        return {"logits": self.fcomb(features, z), "posterior": posterior, "prior": prior, "features": features}
 
     def prior_sigmas(self, images: torch.Tensor) -> torch.Tensor:
         """The prior is axis-aligned, so its singular values are its standard deviations (B, L)."""
         return self.prior(images).base_dist.scale
 
+    def prior_parts(self, images: torch.Tensor) -> NetworkOutput:
+        """What hypotheses start from: ``features`` (the U-Net's, (B, F, H, W)) and ``prior``, the
+        keys of the same name in the :meth:`forward` outputs."""
+        return {"features": self.unet(images), "prior": self.prior(images)}
+
+    def decode_prior(self, parts: NetworkOutput, num_samples: int, generator: Generators = None) -> torch.Tensor:
+        """S hypotheses from :meth:`prior_parts` (or a forward pass's outputs): reparameterized
+        prior draws, each decoded by the combiner only.
+
+        Returns:
+            (B, S, K, H, W) logits.
+        """
+        return self.fcomb(parts["features"], sample_set(parts["prior"], num_samples, generator))
+
     def sample(self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None) -> torch.Tensor:
-        features = self.unet(images)
-        z = sample_set(self.prior(images), num_samples, generator)
-        return self.fcomb(features, z)
+        return self.decode_prior(self.prior_parts(images), num_samples, generator)
+
+    def predictive_log_probabilities(self, images: torch.Tensor, num_samples: int = 16, generator: Generators = None,
+                                     outputs: NetworkOutput | None = None) -> torch.Tensor:
+        """As :meth:`Network.predictive_log_probabilities`; with this step's forward ``outputs``
+        the hypotheses decode its U-Net features and prior (the combiner runs S times, the U-Net
+        and the prior encoder not again). The same draws and values as without them."""
+        if outputs is None or "features" not in outputs:
+            return super().predictive_log_probabilities(images, num_samples, generator)
+        return log_mean_softmax(self.decode_prior(outputs, num_samples, generator))
 
 
 @register_model("punet")
