@@ -322,7 +322,8 @@ def test_every_experiment_config_builds(config: Path, monkeypatch: pytest.Monkey
     name = stem.removesuffix("_soft").removesuffix("_ls").removesuffix("_kd").removesuffix("_teacher")
     name = name.removesuffix(f"_{options.get('encoder_name', '')}")  # e.g. unet_resnet50_soft.yaml
     assert cli.model.registry_name == name
-    paper = config.stem.endswith("_paper")  # Wang et al.'s reference recipe (README, "Soft labels as in ...")
+    # Wang et al.'s reference recipe (README, "Soft labels and distillation as in Wang et al.")
+    paper = config.stem.endswith("_paper")
     recipe = "paper" if paper else "probseg"
     assert cli.model.reconstruction.loss.recipe == recipe and cli.model.reconstruction.fusion_options["recipe"] == recipe
     if stem.endswith(("_soft", "_ls")):

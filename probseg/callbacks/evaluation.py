@@ -16,9 +16,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from probseg.metrics import HypothesisMetrics, MeanPredictionMetrics, RaterCoverage
-from probseg.metrics.base import NO_INDEX
+from probseg.metrics.base import NO_INDEX, PerImageMetric
 from probseg.metrics.functional import CE_READINGS, GINI_OF, KERNELS, MATCHINGS, check_hausdorff_empty, check_kernels
-from probseg.metrics.base import PerImageMetric
 from probseg.results import SUBSETS, Pooling, conventions_label, subset_rows, summarize, write_results
 
 

@@ -38,9 +38,9 @@ probseg's default is 0.1.
 
 from __future__ import annotations
 
-import torch
-
 from typing import Any
+
+import torch
 
 from probseg._ops import check_rater_mask, foreground_dice, label_boundary, majority_vote, one_hot
 
