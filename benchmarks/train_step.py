@@ -15,6 +15,7 @@ Usage:
     python benchmarks/train_step.py                # batch 32, 64x64, default U-Net [32, 64, 128, 192]
     python benchmarks/train_step.py --small        # batch 8, filters [8, 16, 32, 32]: a quick CPU check
     python benchmarks/train_step.py --versus-peer --batches 8 32
+    python benchmarks/train_step.py --versus-peer --profile   # + the convolutions' share and the bound it sets
 """
 
 from __future__ import annotations
@@ -114,6 +115,45 @@ def versus_peer(batches: list[int], size: int, rounds: int, device: torch.device
     return rows
 
 
+def convolution_share(batch_size: int, size: int, device: torch.device, steps: int = 3) -> float:
+    """Share of probseg's default PU-Net training step (paper config) spent in convolutions, forward
+    and backward, by the torch profiler (self time of the convolution kernels; CPU time on CPU,
+    device time on CUDA), over ``steps`` steps after two warm-up steps. Both sides of
+    ``--versus-peer`` run these convolutions, so speed-up / share bounds what any change outside
+    them could give at equal maths."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from probseg.models import ProbUNet
+
+    g = torch.Generator().manual_seed(0)
+    data = {"image": torch.rand(batch_size, 1, size, size, generator=g).to(device),
+            "masks": torch.randint(0, 2, (batch_size, 4, size, size), generator=g).to(device)}
+    torch.manual_seed(0)
+    model = ProbUNet(num_filters=[32, 64, 128, 192], convs_per_block=3, latent_dim=6).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        terms = model.loss_terms(data, torch.Generator(device).manual_seed(1))
+        torch.stack(list(terms.values())).sum().backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events)
+    conv = sum(getattr(e, attr) for e in events if "conv" in e.key.lower() and "convert" not in e.key.lower())
+    return conv / total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true")
@@ -123,6 +163,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32], help="batches of --versus-peer")
     parser.add_argument("--size", type=int, default=128, help="image size of --versus-peer")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in --versus-peer (GPU), for both")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --versus-peer: also the convolutions' share of probseg's step, and the bound it sets")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: measure one model, print JSON
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -130,12 +172,17 @@ def main() -> None:
         print(f"machine: {platform.machine()}, torch {torch.__version__}, device {device}, threads "
               f"{torch.get_num_threads()}; PU-Net {args.size}x{args.size}, [32, 64, 128, 192], 3 convs/block, L = 6; "
               f"medians of {args.repeats} interleaved rounds\n")
-        print("| batch | probseg step (ms) | peer-style step (ms) | speed-up | first loss probseg / peer |")
-        print("| ---: | ---: | ---: | ---: | --- |")
+        print("| batch | probseg step (ms) | peer-style step (ms) | speed-up | first loss probseg / peer |"
+              + (" convolutions' share of probseg's step | bound: speed-up / share |" if args.profile else ""))
+        print("| ---: | ---: | ---: | ---: | --- |" + (" ---: | ---: |" if args.profile else ""))
         for batch_size, t_ours, t_peer, l_ours, l_peer in versus_peer(args.batches, args.size, args.repeats, device,
                                                                       args.bf16):
-            print(f"| {batch_size} | {t_ours * 1e3:.0f} | {t_peer * 1e3:.0f} | {t_peer / t_ours:.2f}x | "
-                  f"{l_ours:.4f} / {l_peer:.4f} |", flush=True)
+            row = (f"| {batch_size} | {t_ours * 1e3:.0f} | {t_peer * 1e3:.0f} | {t_peer / t_ours:.2f}x | "
+                   f"{l_ours:.4f} / {l_peer:.4f} |")
+            if args.profile:
+                share = convolution_share(batch_size, args.size, device)
+                row += f" {share:.0%} | {t_peer / t_ours / share:.2f}x |"
+            print(row, flush=True)
         return
     if args.only:
         print(json.dumps(measure(args.only, args.small, args.repeats, device)))

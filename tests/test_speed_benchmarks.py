@@ -47,6 +47,14 @@ def test_training_step_versus_peer_checks_equal_losses() -> None:
     assert l_ours == pytest.approx(l_peer, rel=1e-4)
 
 
+def test_convolution_share_is_a_fraction_dominated_by_the_convolutions() -> None:
+    """The profile behind the training step's bound: a share in (0, 1), most of a paper-config step
+    even on tiny images (the U-Net, prior and posterior are convolutions)."""
+    train_step = load_script(BENCH / "train_step.py")
+    share = train_step.convolution_share(2, 32, torch.device("cpu"), steps=1)
+    assert 0.3 < share < 1
+
+
 def test_eval_benchmark_baseline_equals_the_engine_on_both_distributions(capsys: pytest.CaptureFixture[str]) -> None:
     eval_metrics = load_script(BENCH / "eval_metrics.py")
     args = argparse.Namespace(batch=2, samples=4, raters=2, size=32, repeats=1, seed=0)
