@@ -110,7 +110,7 @@ def data_module(dataset: str, lidc: str, batch_size: int) -> Any:
 def evaluate(model: Any, dm: Any, num_samples: int) -> dict[str, float]:
     """Per-image means and pooled values of the mean prediction; set metrics for latent models."""
     from probseg.metrics import functional as F
-    from probseg.metrics.hypotheses import mean_prediction_values, pooled_values
+    from probseg.metrics.hypotheses import mean_prediction_statistics, pooled_values
 
     ds = dm.dataset("test")
     samples = 1 if model.deterministic else num_samples
@@ -124,7 +124,7 @@ def evaluate(model: Any, dm: Any, num_samples: int) -> dict[str, float]:
             rater_mask = torch.stack([it["rater_mask"] for it in items]) if "rater_mask" in items[0] else None
             generators = [torch.Generator().manual_seed(start + i) for i in range(len(items))]
             probs = model.sample(images, samples, generator=generators).softmax(2)  # (B, S, K, H, W)
-            per_image, stats = mean_prediction_values(probs, masks, rater_mask)
+            per_image, stats = mean_prediction_statistics(probs, masks, rater_mask)
             for key in ("dice", "bdice", "ece"):
                 values[key] += per_image[key].tolist()
             for key, collected in statistics.items():

@@ -43,27 +43,20 @@ POOLED_STATISTICS = ("ece", "dice")
 """The per-image statistics behind :data:`POOLED_NAMES`: ECE bins (M, 3) and Dice counts (K-1, 2)."""
 
 
-def mean_prediction_values(probs: torch.Tensor, target: torch.Tensor, rater_mask: torch.Tensor | None,
-                           num_bins: int = 15) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per-image values and pooling statistics of (B, S, K, H, W) class probabilities against raters.
+mean_prediction_statistics = F.mean_prediction_statistics
+"""The ``{ece, dice, bdice}`` of :func:`mean_prediction_values` with the ``{ece, dice}`` statistics
+that pool them: (B, M, 3) ECE bins and (B, K-1, 2) Dice counts (see :func:`pooled_values`)."""
 
-    Returns:
-        ``{ece, dice, bdice}``, (B,) each, and ``{ece, dice}``: the (B, M, 3) ECE bins and
-        (B, K-1, 2) Dice counts they come from (see :func:`pooled_values`).
-    """
-    statistics = {"ece": F.calibration_statistics(probs, target, rater_mask, num_bins),
-                  "dice": F.dice_statistics(probs, target, rater_mask)}
-    values = {
-        "ece": F.calibration_error_from_bins(statistics["ece"]).to(probs.dtype),
-        "dice": F.dice_from_statistics(statistics["dice"]).to(probs.dtype),
-        "bdice": F.binarized_dice(probs, target, rater_mask),
-    }
-    return values, statistics
+
+def mean_prediction_values(probs: torch.Tensor, target: torch.Tensor, rater_mask: torch.Tensor | None,
+                           num_bins: int = 15) -> dict[str, torch.Tensor]:
+    """{ece, dice, bdice}: (B,) each, of (B, S, K, H, W) class probabilities against raters."""
+    return mean_prediction_statistics(probs, target, rater_mask, num_bins)[0]
 
 
 def pooled_values(statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``{ece_pooled, dice_pooled}`` of N images from their per-image statistics (the ``{ece,
-    dice}`` of :func:`mean_prediction_values`, (N, ...) each): the bins and counts are summed over
+    dice}`` of :func:`mean_prediction_statistics`, (N, ...) each): the bins and counts are summed over
     the images first. NaN for no image."""
     if statistics["ece"].shape[0] == 0:
         nan = torch.full((), float("nan"), dtype=statistics["ece"].dtype, device=statistics["ece"].device)
@@ -102,7 +95,7 @@ class MeanPredictionMetrics(_PooledMeanPrediction):
         """Add a batch of (B, K, H, W) or (B, S, K, H, W) class probabilities (S is averaged)."""
         if probs.ndim == 4:
             probs = probs[:, None]
-        values, statistics = mean_prediction_values(probs, target, rater_mask, self.num_bins)
+        values, statistics = mean_prediction_statistics(probs, target, rater_mask, self.num_bins)
         self._store(values, index, statistics)
 
 
@@ -249,7 +242,7 @@ class HypothesisMetrics(_PooledMeanPrediction):
         values["diversity"] = F.diversity_from_costs(within_pred, self.self_pairs, weight)
         if weight is not None:  # the weighted mean prediction, as one hypothesis
             probs = (probs * weight.to(probs.dtype)[:, :, None, None, None]).sum(dim=1, keepdim=True)
-        mean_values, statistics = mean_prediction_values(probs, target, rater_mask, self.num_bins)
+        mean_values, statistics = mean_prediction_statistics(probs, target, rater_mask, self.num_bins)
         values.update(mean_values)
         if "gini" in self.value_names:
             values["gini"] = F.gini_index(F.singular_values(sigma, self.gini_of))

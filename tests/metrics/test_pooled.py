@@ -12,7 +12,9 @@ import torch
 
 from probseg.callbacks.evaluation import subset_pooling
 from probseg.metrics import POOLED_NAMES, HypothesisMetrics, MeanPredictionMetrics
+from probseg.metrics import functional as F
 from probseg.metrics.functional import calibration_error_from_bins, dice_from_statistics
+from probseg.metrics.hypotheses import mean_prediction_statistics, mean_prediction_values
 from probseg.results import markdown_table, read_results, subset_rows, write_results
 
 N, S, R, H, W = 5, 3, 4, 12, 10
@@ -130,15 +132,37 @@ def test_over_and_under_confidence_cancel_only_in_the_pooled_ece() -> None:
     assert got["ece_pooled"].item() == pytest.approx(0.0, abs=1e-12)
 
 
-def test_statistics_of_one_image_give_its_per_image_values() -> None:
+def test_each_images_values_match_the_pixel_loop_on_that_image_alone() -> None:
+    """The per-image ``ece`` and ``dice`` (and the statistics stored with them) against the pixel
+    loop run on one image at a time: pooling a single image gives its own values."""
     probs, target, present = _dataset(3, seed=9)
     metric = HypothesisMetrics(num_classes=3, kernels=["iou"], gini=False)
     _feed(metric, probs, target, present)
     values, statistics, index = metric.per_image_with_statistics()
     assert index.tolist() == list(range(N)) and statistics["ece"].shape == (N, 15, 3)
     assert statistics["dice"].shape == (N, 2, 2)
-    torch.testing.assert_close(calibration_error_from_bins(statistics["ece"]), values["ece"])
-    torch.testing.assert_close(dice_from_statistics(statistics["dice"]), values["dice"])
+    for i in range(N):
+        alone = _pooled_by_loop(probs[i:i + 1], target[i:i + 1], present[i:i + 1], num_bins=15)
+        assert values["ece"][i].item() == pytest.approx(alone["ece_pooled"], abs=1e-12), i
+        assert values["dice"][i].item() == pytest.approx(alone["dice_pooled"], abs=1e-12), i
+        assert calibration_error_from_bins(statistics["ece"][i]).item() == pytest.approx(alone["ece_pooled"], abs=1e-12)
+        assert dice_from_statistics(statistics["dice"][i]).item() == pytest.approx(alone["dice_pooled"], abs=1e-12)
+
+
+def test_mean_prediction_values_keep_their_dict_and_the_statistics_come_separately() -> None:
+    """``mean_prediction_values`` returns ``{ece, dice, bdice}`` as before the pooled metrics;
+    ``mean_prediction_statistics`` adds the statistics; both equal the separate functionals."""
+    probs, target, present = (torch.as_tensor(a) for a in _dataset(3, seed=4))
+    values = mean_prediction_values(probs, target, present)
+    assert isinstance(values, dict) and sorted(values) == ["bdice", "dice", "ece"]
+    both, statistics = mean_prediction_statistics(probs, target, present)
+    for name in values:
+        torch.testing.assert_close(both[name], values[name])
+    torch.testing.assert_close(values["ece"], F.expected_calibration_error(probs, target, present))
+    torch.testing.assert_close(values["dice"], F.dice_score(probs, target, present))
+    torch.testing.assert_close(values["bdice"], F.binarized_dice(probs, target, present))
+    torch.testing.assert_close(statistics["ece"], F.calibration_statistics(probs, target, present))
+    torch.testing.assert_close(statistics["dice"], F.dice_statistics(probs, target, present))
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")

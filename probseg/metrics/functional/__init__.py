@@ -16,6 +16,7 @@ from probseg.metrics.functional.calibration import (
     dice_score,
     dice_statistics,
     expected_calibration_error,
+    mean_prediction_statistics,
 )
 from probseg.metrics.functional.gini import GINI_OF, gini_index, singular_values
 from probseg.metrics.functional.kernels import (
@@ -68,6 +69,7 @@ __all__ = [
     "generalized_energy_distance",
     "gini_index",
     "matched_cost",
+    "mean_prediction_statistics",
     "foreground_windows",
     "pairwise_cost",
     "pairwise_costs",

@@ -24,12 +24,18 @@
   classes (:func:`dice_from_statistics` of the counts summed over images). The pooled values
   weigh every pixel of the dataset alike, the per-image means every image alike: an image with
   a small structure counts as much as one with a large structure in the mean, and little in the
-  pooled value. Wang et al. (Sec. 3.3) report "the mean values in the aggregated validation set".
+  pooled value. Pooling is probseg's addition: Wang et al. (Sec. 3.3) "report the mean values in
+  the aggregated validation set", the union of the cross-validation folds' validation sets, so
+  their figures most likely correspond to the per-image :func:`dice_score` and
+  :func:`expected_calibration_error` averaged over those images.
 * :func:`binarized_dice` (BDice, QUBIQ's official metric; Wang et al., Sec. 3.3): the mean
   prediction and the raters' mean are both thresholded at 0.1, 0.2, ..., 0.9 (strictly greater
   than the threshold is foreground), Dice is computed at each level (both empty = 1) and
   averaged over the levels. The raters' mean is compared exactly (integer vote counts against a
   rational threshold), so 3 of 10 raters is never "above 0.3" by a rounding error.
+
+:func:`mean_prediction_statistics` gives all three per image with the ECE bins and Dice counts,
+computing the mean prediction and the majority vote once.
 """
 
 from __future__ import annotations
@@ -120,11 +126,27 @@ def calibration_error_from_bins(stats: torch.Tensor) -> torch.Tensor:
 
 def _mean_prediction(pred: torch.Tensor, target: torch.Tensor,
                      rater_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The checked mean of the S hypotheses' class probabilities (B, K, H, W) and the raters'
-    majority vote (B, H, W)."""
+    """The checked mean of the S hypotheses' class probabilities (B, K, H, W) and the (B, R)
+    present raters."""
     probs = _check_prediction(pred, target)
-    present = check_rater_mask(rater_mask, target)
-    return probs.mean(dim=1), majority_vote(target, present, num_classes=probs.shape[2])
+    return probs.mean(dim=1), check_rater_mask(rater_mask, target)
+
+
+def _vote(mean: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The raters' (B, H, W) majority vote, ties to the lower class."""
+    return majority_vote(target, present, num_classes=mean.shape[1])
+
+
+def _calibration_bins_of(mean: torch.Tensor, vote: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """(B, M, 3) reliability statistics of a (B, K, H, W) mean prediction against a vote."""
+    confidence, label = mean.max(dim=1)
+    return calibration_bins(confidence.flatten(1), (label == vote).flatten(1), num_bins)
+
+
+def _dice_counts_of(mean: torch.Tensor, vote: torch.Tensor) -> torch.Tensor:
+    """(B, K-1, 2) overlap counts of the arg-max of a (B, K, H, W) mean prediction and a vote."""
+    label = mean.movedim(1, -1).contiguous().argmax(dim=-1)  # (B, H, W), ties to the lower class
+    return foreground_overlap(label.flatten(1), vote.flatten(1), mean.shape[1], accumulation_dtype(mean.device))
 
 
 def calibration_statistics(
@@ -142,9 +164,8 @@ def calibration_statistics(
         (B, M, 3): pixel count, summed top-label confidence and summed correctness of each bin
         (float64; float32 on devices without it). Summed over images they give the pooled ECE.
     """
-    mean, vote = _mean_prediction(pred, target, rater_mask)
-    confidence, label = mean.max(dim=1)
-    return calibration_bins(confidence.flatten(1), (label == vote).flatten(1), num_bins)
+    mean, present = _mean_prediction(pred, target, rater_mask)
+    return _calibration_bins_of(mean, _vote(mean, target, present), num_bins)
 
 
 def expected_calibration_error(
@@ -173,9 +194,8 @@ def dice_statistics(pred: torch.Tensor, target: torch.Tensor, rater_mask: torch.
         (B, K-1, 2): per foreground class, |P and G| and |P| + |G| (float64; float32 on devices
         without it). Summed over images they give the pooled Dice.
     """
-    mean, vote = _mean_prediction(pred, target, rater_mask)
-    label = mean.movedim(1, -1).contiguous().argmax(dim=-1)  # (B, H, W), ties to the lower class
-    return foreground_overlap(label.flatten(1), vote.flatten(1), mean.shape[1], accumulation_dtype(mean.device))
+    mean, present = _mean_prediction(pred, target, rater_mask)
+    return _dice_counts_of(mean, _vote(mean, target, present))
 
 
 def dice_from_statistics(counts: torch.Tensor) -> torch.Tensor:
@@ -214,20 +234,29 @@ def binarized_dice(
     Returns:
         (B,) BDice per image, in [0, 1].
     """
-    probs = _check_prediction(pred, target)
-    present = check_rater_mask(rater_mask, target)
+    mean, present = _mean_prediction(pred, target, rater_mask)
+    _check_thresholds(thresholds)
+    return _binarized_dice_of(mean, target, present, thresholds)
+
+
+def _check_thresholds(thresholds: Sequence[float]) -> None:
     if not thresholds or not all(0 < t < 1 for t in thresholds):
         raise ValueError(f"thresholds must be a non-empty list of levels in (0, 1), got {thresholds}")
+
+
+def _binarized_dice_of(mean: torch.Tensor, target: torch.Tensor, present: torch.Tensor,
+                       thresholds: Sequence[float]) -> torch.Tensor:
+    """(B,) BDice of a (B, K, H, W) mean prediction against the present raters' mean."""
     fractions = [Fraction(str(t)).limit_denominator(10**6) for t in thresholds]
-    levels = torch.tensor([float(t) for t in thresholds], dtype=probs.dtype, device=probs.device)
-    num = torch.tensor([f.numerator for f in fractions], device=probs.device)
-    den = torch.tensor([f.denominator for f in fractions], device=probs.device)
+    levels = torch.tensor([float(t) for t in thresholds], dtype=mean.dtype, device=mean.device)
+    num = torch.tensor([f.numerator for f in fractions], device=mean.device)
+    den = torch.tensor([f.denominator for f in fractions], device=mean.device)
     raters = present.sum(dim=1)  # (B,)
-    mean = probs.mean(dim=1).flatten(2)  # (B, K, N)
+    flat = mean.flatten(2)  # (B, K, N)
     per_class = []
-    for c in range(1, probs.shape[2]):
+    for c in range(1, mean.shape[1]):
         votes = ((target == c) & present[:, :, None, None]).sum(dim=1).flatten(1)  # (B, N) integer counts
-        fg_pred = mean[:, c, None, :] > levels[None, :, None]  # (B, T, N)
+        fg_pred = flat[:, c, None, :] > levels[None, :, None]  # (B, T, N)
         # votes / raters > num / den  <=>  votes * den > num * raters (exact integers)
         fg_target = votes[:, None, :] * den[None, :, None] > (num[None, :] * raters[:, None])[:, :, None]
         inter = (fg_pred & fg_target).sum(dim=-1)
@@ -235,4 +264,36 @@ def binarized_dice(
         wide = accumulation_dtype(total.device)
         dice = torch.where(total > 0, 2 * inter.to(wide) / total.clamp_min(1).to(wide), torch.ones_like(total, dtype=wide))
         per_class.append(dice.mean(dim=1))
-    return torch.stack(per_class, dim=1).mean(dim=1).to(probs.dtype)
+    return torch.stack(per_class, dim=1).mean(dim=1).to(mean.dtype)
+
+
+def mean_prediction_statistics(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    rater_mask: torch.Tensor | None = None,
+    num_bins: int = 15,
+    thresholds: Sequence[float] = BDICE_THRESHOLDS,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """ECE, Dice and BDice per image and the statistics that pool the first two, from one mean
+    prediction and one majority vote.
+
+    Args:
+        pred, target, rater_mask, num_bins: as in :func:`calibration_statistics`.
+        thresholds: as in :func:`binarized_dice`.
+
+    Returns:
+        ``{ece, dice, bdice}``, (B,) each in ``pred``'s dtype (the values of
+        :func:`expected_calibration_error`, :func:`dice_score` and :func:`binarized_dice`), and
+        ``{ece, dice}``: the (B, M, 3) bins of :func:`calibration_statistics` and the (B, K-1, 2)
+        counts of :func:`dice_statistics`.
+    """
+    mean, present = _mean_prediction(pred, target, rater_mask)
+    _check_thresholds(thresholds)
+    vote = _vote(mean, target, present)
+    statistics = {"ece": _calibration_bins_of(mean, vote, num_bins), "dice": _dice_counts_of(mean, vote)}
+    values = {
+        "ece": calibration_error_from_bins(statistics["ece"]).to(pred.dtype),
+        "dice": dice_from_statistics(statistics["dice"]).to(pred.dtype),
+        "bdice": _binarized_dice_of(mean, target, present, thresholds),
+    }
+    return values, statistics
