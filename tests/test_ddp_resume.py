@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -166,10 +167,14 @@ def _checkpoint_with_ranks(world: int) -> dict:
     return {RNG_KEY: states[0], RNG_RANKS_KEY: states}
 
 
+def _trainer(step: int, fn: str = "fit") -> SimpleNamespace:
+    return SimpleNamespace(global_step=step, state=SimpleNamespace(fn=fn))
+
+
 def test_each_rank_restores_its_own_generators(monkeypatch: pytest.MonkeyPatch) -> None:
     checkpoint = _checkpoint_with_ranks(2)
     monkeypatch.setattr(probseg.distributed, "rank_and_world_size", lambda: (1, 2))
-    RunCheckpoint().on_load_checkpoint(SimpleNamespace(global_step=6), None, checkpoint)
+    RunCheckpoint().on_load_checkpoint(_trainer(6), None, checkpoint)
     assert torch.equal(torch.get_rng_state(), checkpoint[RNG_RANKS_KEY][1]["torch"])
 
 
@@ -184,11 +189,25 @@ def test_without_generators_for_each_rank_rank_0_continues_and_others_diverge(
     restored = {}
     for rank in (0, 1):
         monkeypatch.setattr(probseg.distributed, "rank_and_world_size", lambda rank=rank: (rank, 3))
-        with pytest.warns(UserWarning, match="rank 0 continues rank 0's streams"):
-            RunCheckpoint().on_load_checkpoint(SimpleNamespace(global_step=6), None, checkpoint)
+        with pytest.warns(UserWarning, match="random generators were saved by .* rank 0 continues rank 0's streams"):
+            RunCheckpoint().on_load_checkpoint(_trainer(6), None, checkpoint)
         restored[rank] = torch.get_rng_state()
     assert torch.equal(restored[0], checkpoint[RNG_KEY]["torch"])
     assert not torch.equal(restored[1], checkpoint[RNG_KEY]["torch"])
+
+
+@pytest.mark.parametrize("fn", ["validate", "test"])
+def test_evaluating_from_a_checkpoint_does_not_warn_about_resuming(monkeypatch: pytest.MonkeyPatch, fn: str) -> None:
+    """``validate``/``test --ckpt_path`` on 2 processes from a one-process checkpoint: the same
+    restore (rank 0's generators, rank 1 diverges), but no warning about repeating a run."""
+    checkpoint = _checkpoint_with_ranks(1)
+    del checkpoint[RNG_RANKS_KEY]
+    for rank in (0, 1):
+        monkeypatch.setattr(probseg.distributed, "rank_and_world_size", lambda rank=rank: (rank, 2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            RunCheckpoint().on_load_checkpoint(_trainer(6, fn), None, checkpoint)
+        assert torch.equal(torch.get_rng_state(), checkpoint[RNG_KEY]["torch"]) == (rank == 0)
 
 
 def test_one_process_checkpoints_keep_their_format(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,5 +217,41 @@ def test_one_process_checkpoints_keep_their_format(monkeypatch: pytest.MonkeyPat
     assert set(checkpoint) == {RNG_KEY}
     expected = torch.get_rng_state()
     torch.rand(5)
-    RunCheckpoint().on_load_checkpoint(SimpleNamespace(global_step=3), None, checkpoint)
+    RunCheckpoint().on_load_checkpoint(_trainer(3), None, checkpoint)
     assert torch.equal(torch.get_rng_state(), expected)
+
+
+def test_lightning_loads_checkpoint_state_knowing_whether_it_fits(tmp_path: Path) -> None:
+    """The fallback warnings are gated by probseg.distributed.is_fitting(trainer): a real Trainer
+    restoring the datamodule's and the callbacks' state reports ``fit`` for ``fit --ckpt_path`` and
+    not for ``validate --ckpt_path``."""
+    import lightning.pytorch as pl
+
+    from probseg.data import SyntheticDataModule
+    from probseg.distributed import is_fitting
+    from probseg.models import ProbUNet
+
+    seen: list[bool] = []
+
+    class Recording(SyntheticDataModule):
+        def load_state_dict(self, state_dict: dict) -> None:
+            seen.append(is_fitting(self.trainer))
+            super().load_state_dict(state_dict)
+
+    def trainer(steps: int) -> pl.Trainer:
+        return pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                          limit_val_batches=1)
+
+    def datamodule() -> Recording:
+        return Recording(image_size=32, num_train=4, num_val=2, num_test=2, num_raters=3, batch_size=2,
+                         augmentation=True)
+
+    pl.seed_everything(0, verbose=False)
+    first = trainer(1)
+    first.fit(ProbUNet(**TINY_PUNET), datamodule=datamodule())
+    path = tmp_path / "one.ckpt"
+    first.save_checkpoint(path)
+    trainer(1).validate(ProbUNet(**TINY_PUNET), datamodule=datamodule(), ckpt_path=path, verbose=False)
+    trainer(2).fit(ProbUNet(**TINY_PUNET), datamodule=datamodule(), ckpt_path=path)
+    assert seen == [False, True]

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_warn
 
 try:
     import fcntl
@@ -290,22 +289,14 @@ class RunCheckpoint(ModelCheckpoint):
             checkpoint[RNG_RANKS_KEY] = per_rank
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        from probseg.distributed import diverge_per_rank, rank_and_world_size
+        from probseg.distributed import diverge_per_rank, is_fitting, select_rank_state
 
-        rank, world = rank_and_world_size()
-        per_rank = checkpoint.get(RNG_RANKS_KEY)
-        if per_rank is not None and len(per_rank) == world:
-            set_rng_state(per_rank[rank])  # each rank continues its own streams: exact
-            return
-        rng = checkpoint.get(RNG_KEY)
+        rng, own = select_rank_state(checkpoint.get(RNG_RANKS_KEY), checkpoint.get(RNG_KEY), "random generators",
+                                     warn=is_fitting(trainer))
         if rng is None:
             return
-        if per_rank is not None or world > 1:
-            saved = f"{len(per_rank)} processes" if per_rank is not None else "one process (or an older probseg)"
-            rank_zero_warn(f"the checkpoint's random generators were saved by {saved} and the run resumes on {world} "
-                           f"process{'es' if world > 1 else ''}: "
-                           "rank 0 continues rank 0's streams and the other ranks start new ones, so the run will "
-                           "not repeat an uninterrupted one exactly")
-        # Rank 0's generators: exact for one process; other ranks then move to their own streams.
         set_rng_state(rng)
+        if own:
+            return  # each rank continues its own streams: exact
+        # Rank 0's generators: exact for one process; other ranks then move to their own streams.
         diverge_per_rank(int(rng["torch"][:8].view(torch.int64)[0]) + trainer.global_step)

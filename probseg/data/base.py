@@ -43,9 +43,15 @@ class EpochSampler(DistributedSampler):
 
     With ``num_replicas`` > 1 each rank iterates its share of that permutation, padded and
     interleaved as :class:`torch.utils.data.DistributedSampler` (``shuffle=False``) splits a
-    dataset; the shares are the ones Lightning's sampler wrapper used to give. Being a
-    ``DistributedSampler``, it is not wrapped again by Lightning, so the skip on resume applies to
-    this rank's share. With one replica the order is the whole permutation.
+    dataset: rank r gets items r, r + n, r + 2n, ... of the permutation followed by its first
+    items again up to an even share. Being a ``DistributedSampler``, it is not wrapped again by
+    Lightning, so the skip on resume applies to this rank's share. With one replica the order is
+    the whole permutation.
+
+    Under DDP this order differs from probseg's before per-rank resume: Lightning then wrapped the
+    one-process sampler in ``DistributedSamplerWrapper(shuffle=True)``, which shuffled the
+    permutation again with ``PL_GLOBAL_SEED`` before dealing it out. A DDP checkpoint written by
+    that version therefore restarts its epoch (see :meth:`ProbSegDataModule.train_dataloader`).
 
     Args:
         size: number of items.
@@ -153,7 +159,9 @@ class ProbSegDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled per epoch by :class:`EpochSampler` and split over the DDP ranks; a run resumed
         mid-epoch skips the batches it already trained on, so the remaining ones are those of the
-        uninterrupted run."""
+        uninterrupted run. Except: a DDP checkpoint without ``train_replicas`` in this module's
+        state (written by probseg before the sampler split the order itself, when the order under
+        DDP was another) skips nothing and restarts its epoch, as that version did, with a warning."""
         dataset = self.dataset("train")
         generator = torch.Generator()
         trainer = getattr(self, "trainer", None)
@@ -165,12 +173,27 @@ class ProbSegDataModule(pl.LightningDataModule):
             if trainer.fit_loop.restarting:
                 # Batches of the restored epoch whose training step ran (a checkpoint written in
                 # on_train_batch_end counts its own batch as processed but not yet completed), on
-                # every rank alike. Together the ranks used the front of the epoch's dealt-out
-                # order; resumed on another number of ranks, that front is left out (rounded down:
-                # fewer than one item per rank is trained on twice).
+                # every rank alike.
                 done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-                saved_replicas = getattr(self, "_saved_train_replicas", None) or replicas
-                sampler.skip_next(done * self.batch_size * saved_replicas // replicas, epoch=trainer.current_epoch)
+                saved_replicas = getattr(self, "_saved_train_replicas", None)
+                if saved_replicas is None and getattr(trainer, "world_size", 1) > 1:
+                    # No ``train_replicas``: a checkpoint written before this sampler split the
+                    # order itself, when Lightning's shuffling wrapper dealt out another order under
+                    # DDP. Skipping would leave out items of the wrong order (some trained twice,
+                    # others never); restart the epoch instead, as that version did.
+                    if done:
+                        rank_zero_warn("the checkpoint does not record how many ranks shared the training order "
+                                       "(written by an older probseg, whose order under DDP differs), so the "
+                                       "interrupted epoch restarts from its first batch: its batches before the "
+                                       "checkpoint are trained on again and the run will not repeat an "
+                                       "uninterrupted one exactly")
+                else:
+                    # Together the ranks used the front of the epoch's dealt-out order; resumed on
+                    # another number of ranks, that front is left out (rounded down: fewer than one
+                    # item per rank is trained on twice). One process and no ``train_replicas`` (an
+                    # older checkpoint): the one-process order is unchanged, so skip as before.
+                    sampler.skip_next(done * self.batch_size * (saved_replicas or replicas) // replicas,
+                                      epoch=trainer.current_epoch)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -223,22 +246,14 @@ class ProbSegDataModule(pl.LightningDataModule):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        from probseg.distributed import rank_and_world_size
+        from probseg.distributed import is_fitting, rank_and_world_size, select_rank_state
 
-        rank, world = rank_and_world_size()
         self._saved_train_replicas = state_dict.get("train_replicas")
-        per_rank = state_dict.get("augmentation_rng_per_rank")
-        if per_rank is not None and len(per_rank) == world:
-            self._aug_rng_to_load = per_rank[rank]  # each rank continues its own stream
-            return
-        # One process, an older checkpoint or another number of ranks: rank 0 continues the saved
-        # stream of rank 0 and the other ranks start theirs afresh.
-        saved = state_dict.get("augmentation_rng")
-        if saved is not None and (per_rank is not None or world > 1):
-            rank_zero_warn(f"the checkpoint's augmentation generators were saved by "
-                           f"{len(per_rank) if per_rank is not None else 'one'} process(es) and the run resumes on "
-                           f"{world}: only rank 0 continues its augmentation stream")
-        self._aug_rng_to_load = saved if rank == 0 else None
+        saved, own = select_rank_state(state_dict.get("augmentation_rng_per_rank"), state_dict.get("augmentation_rng"),
+                                       "augmentation generators", warn=is_fitting(getattr(self, "trainer", None)))
+        # Each rank continues its own stream; one process, an older checkpoint or another number of
+        # ranks: rank 0 continues the saved stream of rank 0 and the other ranks start theirs afresh.
+        self._aug_rng_to_load = saved if own or rank_and_world_size()[0] == 0 else None
 
     def _augmentation_generator(self, device: torch.device, trainer: Any) -> torch.Generator:
         """One generator per process, seeded from torch's (Lightning-seeded) initial seed and the
