@@ -56,11 +56,12 @@ Class-balanced key points and importance weights
     points from each image for that image's pixels (``key_scope="image"``; the paper's text says
     per batch, ``"batch"``, the default), and it can allocate them in proportion to the class
     frequencies (its ``biased=True``, here ``key_sampling="proportional"``), which needs no
-    weights. Measured on 8 images of 64 x 64 pixels, a calibrated network with f = 0.05 and 5 %
-    foreground, n_key = 1024, h = 1e-3 (E[y | f] = 0.05): unweighted balanced key points give 0.50
-    per batch and 0.28 per image (an image has about 205 foreground pixels, fewer than its 512
-    balanced key points, which caps the over-representation); importance-weighted 0.050;
-    proportional and unweighted 0.050. The paper's recipe (:mod:`probseg.distillation`,
+    weights. ``python benchmarks/paper_recipe.py`` prints the estimates for 8 images of 64 x 64
+    pixels, a calibrated network with f = 0.05 at every pixel and Bernoulli(0.05) labels, n_key =
+    1024, h = 1e-3 (E[y | f] = 0.050): unweighted balanced key points give 0.500 per batch and
+    0.284 per image (an image has about 203 foreground pixels, fewer than its 512 balanced key
+    points, which caps the over-representation); importance-weighted 0.050; proportional and
+    unweighted 0.050. The paper's recipe (:mod:`probseg.distillation`,
     ``recipe: paper``) uses the unweighted per-image reading; probseg's default stays weighted.
 
 Region
