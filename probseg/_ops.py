@@ -8,6 +8,7 @@ pulling in Lightning or a data module. Check errors name the argument, its shape
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -219,3 +220,53 @@ def check_rater_mask(rater_mask: torch.Tensor | None, target: torch.Tensor, name
     if not bool(rater_mask.any(dim=1).all()):
         raise ValueError(f"every image needs at least one rater: a row of {name} is all False")
     return rater_mask
+
+
+# ----------------------------------------------------------------------------- option checks
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of the strings ``choices``; else ValueError naming ``name``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def resolve_recipe(
+    table: Mapping[str, Mapping[str, Any]],
+    recipe: str,
+    overrides: Mapping[str, Any] | None = None,
+    choices: Mapping[str, Sequence[str]] | None = None,
+    *,
+    prefix: str = "",
+    known: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The options of ``recipe`` in ``table`` with ``overrides`` (those not None) over them.
+
+    Args:
+        table: recipe name -> its default options.
+        recipe: a key of ``table``.
+        overrides: options given explicitly; None values keep the recipe's.
+        choices: option name -> the strings it accepts, checked after the overrides.
+        prefix: how the options are named in errors: ``f"{prefix}recipe must be one of ..."``,
+            ``f"{prefix}{option} must be one of ..."``, ``f"unknown {prefix}options ..."``
+            (e.g. ``"fusion "``, ``"distillation."``).
+        known: the names ``overrides`` may hold (default: the recipe's options).
+
+    Returns:
+        A new dict: the recipe's options, updated by the overrides.
+
+    Raises:
+        ValueError: an unknown recipe, an unknown option name or a value outside ``choices``.
+    """
+    check_choice(recipe, f"{prefix}recipe", tuple(table))
+    resolved = dict(table[recipe])
+    known = tuple(resolved) if known is None else tuple(known)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {prefix}options {unknown}; expected names from {('recipe', *known)}")
+    resolved.update(given)
+    for name, accepted in (choices or {}).items():
+        check_choice(resolved[name], f"{prefix}{name}", accepted)
+    return resolved

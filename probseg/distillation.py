@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from probseg._ops import resolve_recipe
 from probseg.calibration import KDECalibration
 from probseg.data.fusion import fuse_raters, majority_vote
 from probseg.losses.reconstruction import ReconstructionLoss
@@ -79,7 +80,7 @@ DISTILLATION_KEYS = ("recipe", "weights", "kde", "kde_labels", "teacher_samples"
 DEFAULT_WEIGHTS = {"ce": 1.0, "dml1": 1.0}
 """The paper's two distillation terms (Table 7: CE and DML between teacher and student)."""
 
-RECIPES: dict[str, dict[str, Any]] = {
+DISTILLATION_RECIPES: dict[str, dict[str, Any]] = {
     "probseg": {"weights": DEFAULT_WEIGHTS, "kde": {}, "kde_labels": "mean"},
     "paper": {"weights": {"ce": 0.125, "dml1": 0.375}, "kde": {"importance_weights": False, "key_scope": "image"},
               "kde_labels": "majority"},
@@ -153,12 +154,8 @@ class Distillation(Objective):
                 raise TypeError(f"distillation.{key} must be an integer, got {value!r}")
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
             raise TypeError(f"distillation.label_smoothing must be a number, got {label_smoothing!r}")
-        if recipe not in RECIPES:
-            raise ValueError(f"distillation.recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
-        defaults = RECIPES[recipe]
-        kde_labels = defaults["kde_labels"] if kde_labels is None else kde_labels
-        if kde_labels not in KDE_LABELS:
-            raise ValueError(f"distillation.kde_labels must be one of {KDE_LABELS}, got {kde_labels!r}")
+        resolved = resolve_recipe(DISTILLATION_RECIPES, recipe, {"weights": weights, "kde_labels": kde_labels},
+                                  {"kde_labels": KDE_LABELS}, prefix="distillation.")
         if weights is not None and (not isinstance(weights, Mapping) or not weights):
             raise ValueError(f"distillation.weights must name at least one component, e.g. {DEFAULT_WEIGHTS}, got {weights!r}")
         if teacher_samples < 1:
@@ -171,14 +168,14 @@ class Distillation(Objective):
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.recipe = recipe
-        self.kde_labels = kde_labels
-        self.weights = dict(defaults["weights"] if weights is None else weights)
+        self.kde_labels = resolved["kde_labels"]
+        self.weights = dict(resolved["weights"])
         try:
             self.loss = ReconstructionLoss(self.weights, **dict(loss_options or {}))
         except (TypeError, ValueError) as err:
             raise ValueError(f"distillation.weights: {err}") from None
         if kde is True or isinstance(kde, Mapping):
-            kde = {**defaults["kde"], **(kde if isinstance(kde, Mapping) else {})}
+            kde = {**resolved["kde"], **(kde if isinstance(kde, Mapping) else {})}
         try:
             self.kde = KDECalibration.from_config(kde)
         except (TypeError, ValueError) as err:

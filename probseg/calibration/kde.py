@@ -94,6 +94,7 @@ from torch import Tensor
 
 from probseg._config import optional_component
 from probseg._ops import (
+    check_choice,
     check_class_ids,
     check_probabilities,
     check_sums_to_one,
@@ -140,12 +141,6 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
-
-
-def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -272,7 +267,7 @@ def sample_key_points(labels: Tensor, n_key: int, generator: torch.Generator | N
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must hold integer class ids, got dtype {labels.dtype}")
     n_key = _check_int(n_key, "n_key", 1)
-    key_sampling = _check_choice(key_sampling, "key_sampling", KEY_SAMPLINGS)
+    key_sampling = check_choice(key_sampling, "key_sampling", KEY_SAMPLINGS)
     classes, counts = torch.unique(labels, return_counts=True)
     per_class = math.ceil(n_key / classes.numel())
     perm_device = generator.device if generator is not None else labels.device
@@ -458,12 +453,12 @@ def kde_calibrate(
     """
     bandwidth = _check_bandwidth(bandwidth)
     n_key = _check_int(n_key, "n_key", 1)
-    region = _check_choice(region, "region", REGIONS)
+    region = check_choice(region, "region", REGIONS)
     boundary_width = _check_int(boundary_width, "boundary_width", 0)
     if not isinstance(importance_weights, bool):
         raise TypeError(f"importance_weights must be a bool, got {importance_weights!r}")
-    key_sampling = _check_choice(key_sampling, "key_sampling", KEY_SAMPLINGS)
-    key_scope = _check_choice(key_scope, "key_scope", KEY_SCOPES)
+    key_sampling = check_choice(key_sampling, "key_sampling", KEY_SAMPLINGS)
+    key_scope = check_choice(key_scope, "key_scope", KEY_SCOPES)
     check_tensor(probs, "probs")
     check_tensor(target, "target")
     if probs.ndim != 4 or probs.shape[1] < 2 or probs.numel() == 0:
@@ -550,13 +545,13 @@ class KDECalibration:
     ) -> None:
         self.bandwidth = _check_bandwidth(bandwidth)
         self.n_key = _check_int(n_key, "n_key", 1)
-        self.region = _check_choice(region, "region", REGIONS)
+        self.region = check_choice(region, "region", REGIONS)
         self.boundary_width = _check_int(boundary_width, "boundary_width", 0)
         if not isinstance(importance_weights, bool):
             raise TypeError(f"importance_weights must be a bool, got {importance_weights!r}")
         self.importance_weights = importance_weights
-        self.key_sampling = _check_choice(key_sampling, "key_sampling", KEY_SAMPLINGS)
-        self.key_scope = _check_choice(key_scope, "key_scope", KEY_SCOPES)
+        self.key_sampling = check_choice(key_sampling, "key_sampling", KEY_SAMPLINGS)
+        self.key_scope = check_choice(key_scope, "key_scope", KEY_SCOPES)
 
     def check_num_classes(self, num_classes: int) -> None:
         """Raise ValueError when ``n_key`` is smaller than ``num_classes``."""

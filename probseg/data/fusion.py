@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from probseg._ops import check_rater_mask, foreground_dice, label_boundary, majority_vote, one_hot
+from probseg._ops import check_rater_mask, foreground_dice, label_boundary, majority_vote, one_hot, resolve_recipe
 
 __all__ = [
     "FUSIONS", "FUSION_RECIPES", "foreground_dice", "fuse_raters", "fusion_options", "majority_vote", "one_hot",
@@ -109,19 +109,10 @@ def fusion_options(recipe: str = "probseg", **options: Any) -> dict[str, Any]:
     Returns:
         All four options, checked.
     """
-    if recipe not in FUSION_RECIPES:
-        raise ValueError(f"fusion recipe must be one of {tuple(FUSION_RECIPES)}, got {recipe!r}")
-    resolved = dict(FUSION_RECIPES[recipe])
-    unknown = sorted(set(options) - set(resolved))
-    if unknown:
-        raise ValueError(f"unknown fusion options {unknown}; expected names from {('recipe', *resolved)}")
-    resolved.update({k: v for k, v in options.items() if v is not None})
-    for name, choices in _CHOICES.items():
-        if resolved[name] not in choices:
-            raise ValueError(f"fusion option {name} must be one of {choices}, got {resolved[name]!r}")
+    resolved = resolve_recipe(FUSION_RECIPES, recipe, options, _CHOICES, prefix="fusion ")
     width = resolved["boundary_width"]
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"fusion option boundary_width must be an integer >= 1, got {width!r}")
+        raise ValueError(f"fusion boundary_width must be an integer >= 1, got {width!r}")
     return resolved
 
 

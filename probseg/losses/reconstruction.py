@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probseg._ops import one_hot
+from probseg._ops import one_hot, resolve_recipe
 from probseg.losses import functional as L
 
 COMPONENTS = ("ce", *L.REGION_LOSSES, "uniform_kl", "mse")
@@ -53,7 +53,7 @@ COMPONENTS = ("ce", *L.REGION_LOSSES, "uniform_kl", "mse")
 
 REGION_OPTIONS = ("alpha", "beta", "gamma", "smooth", "classes", "per_image", "smooth_form")
 
-RECIPES: dict[str, dict[str, Any]] = {
+LOSS_RECIPES: dict[str, dict[str, Any]] = {
     "probseg": {"pixel_reduction": "sum", "per_image": True, "classes": "all", "smooth_form": "loss"},
     "paper": {"pixel_reduction": "mean", "per_image": False, "classes": "auto", "smooth_form": "tversky"},
 }
@@ -77,21 +77,15 @@ class ReconstructionLoss(nn.Module):
     def __init__(self, weights: Mapping[str, float] | None = None, pixel_reduction: str | None = None,
                  eps: float = 1e-7, recipe: str = "probseg", **region_options: Any) -> None:
         super().__init__()
-        if recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
-        defaults = dict(RECIPES[recipe])
-        recipe_reduction = defaults.pop("pixel_reduction")
-        pixel_reduction = recipe_reduction if pixel_reduction is None else pixel_reduction
         weights = dict(weights or {"ce": 1.0})
         unknown = sorted(set(weights) - set(COMPONENTS))
         if unknown:
             raise ValueError(f"unknown reconstruction components {unknown}; expected names from {COMPONENTS}")
         if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
             raise ValueError(f"reconstruction weights must be non-negative with one positive, got {weights}")
-        bad = sorted(set(region_options) - set(REGION_OPTIONS))
-        if bad:
-            known = REGION_OPTIONS + ("pixel_reduction", "eps", "recipe")
-            raise ValueError(f"unknown loss options {bad}; expected names from {known}")
+        resolved = resolve_recipe(LOSS_RECIPES, recipe, {"pixel_reduction": pixel_reduction, **region_options},
+                                  prefix="loss ", known=(*REGION_OPTIONS, "pixel_reduction", "eps"))
+        pixel_reduction = resolved.pop("pixel_reduction")
         if pixel_reduction not in ("sum", "mean"):
             raise ValueError(f"pixel_reduction must be 'sum' or 'mean', got {pixel_reduction!r}")
         self.weights = {k: float(v) for k, v in weights.items() if v > 0}
@@ -99,11 +93,18 @@ class ReconstructionLoss(nn.Module):
         self.eps = eps
         self.recipe = recipe
         self.region_options = region_options  # as given
-        self._resolved_options = {**defaults, **region_options}  # with the recipe's defaults
+        self._resolved_options = resolved  # with the recipe's defaults
         probe = torch.full((1, 2, 1, 1), 0.5)
         for name in [k for k in self.weights if k in L.REGION_LOSSES] or ["dml1"]:
             # bad option values fail here, not at step 1
             L.region_loss(probe, probe, name, **self._region_options(hard=False))
+
+    @property
+    def resolved_region_options(self) -> dict[str, Any]:
+        """The region options applied: the recipe's defaults with the options given over them
+        (``region_options`` holds only those given). ``classes="auto"`` is resolved at each call:
+        ``"present"`` for class-id targets, ``"all"`` for probability maps."""
+        return dict(self._resolved_options)
 
     def _region_options(self, hard: bool) -> dict[str, Any]:
         """The region options of a call, ``classes="auto"`` resolved by the target's kind."""

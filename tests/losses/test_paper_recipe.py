@@ -137,3 +137,18 @@ def test_recipe_defaults_and_explicit_options() -> None:
     assert probseg.pixel_reduction == "sum" and probseg._region_options(hard=True)["classes"] == "all"
     with pytest.raises(ValueError, match="recipe must be one of"):
         ReconstructionLoss({"dml1": 1.0}, recipe="wang")
+
+
+def test_resolved_region_options_are_the_ones_applied() -> None:
+    """``region_options`` holds what was given; ``resolved_region_options`` what the losses use."""
+    paper = ReconstructionLoss({"dml1": 1.0}, recipe="paper", smooth=2.0)
+    assert paper.region_options == {"smooth": 2.0}
+    assert paper.resolved_region_options == {"per_image": False, "classes": "auto", "smooth_form": "tversky",
+                                             "smooth": 2.0}
+    paper.resolved_region_options["per_image"] = True  # a copy: the loss is unchanged
+    assert paper._region_options(hard=True) == {"per_image": False, "classes": "present", "smooth_form": "tversky",
+                                                "smooth": 2.0}
+    mixed = ReconstructionLoss({"dml1": 1.0}, recipe="paper", per_image=True, classes="all")
+    assert mixed.resolved_region_options == {"per_image": True, "classes": "all", "smooth_form": "tversky"}
+    assert ReconstructionLoss({"dml1": 1.0}).resolved_region_options == {
+        "per_image": True, "classes": "all", "smooth_form": "loss"}
