@@ -376,8 +376,8 @@ class MixtureOfStochasticExperts(ProbSegModel):
             ``num_filters`` and ``convs_per_block``) or ``"smp"`` with options such as
             ``{"encoder_name": "resnet18"}`` (:mod:`probseg.layers.generators`).
         **kwargs: the shared options of :class:`~probseg.models.base.ProbSegModel`; MoSE learns
-            from every rater at once, so ``reconstruction``, ``loss_options`` and ``fusion`` are
-            refused.
+            from every rater at once, so ``reconstruction``, ``loss_options``, ``fusion`` and
+            ``fusion_options`` are refused.
 
     Loss terms: ``rec_ot`` and ``gate_kl``; diagnostic ``relaxation``. Hypotheses carry weights:
     use :meth:`~probseg.models.base.ProbSegModel.sample_weighted` (evaluation does).
@@ -408,6 +408,9 @@ class MixtureOfStochasticExperts(ProbSegModel):
                 raise ValueError(f"{key} does not apply to MoSE: its transport cost against every rater is its loss")
         if kwargs.get("fusion", "random") != "random":
             raise ValueError("fusion does not apply to MoSE: it is trained against every rater of an image at once")
+        if kwargs.get("fusion_options"):
+            raise ValueError("fusion_options does not apply to MoSE: it is trained against every rater of an image at "
+                             "once, with no fused target")
         objective = MoSEOptimalTransport(relaxation, relaxation_steps, beta, coupling, gate_kl_reduction)
         if num_experts * samples_per_expert * relaxation < 1 - 1e-9:
             raise ValueError(f"{num_experts} experts x {samples_per_expert} draws with relaxation {relaxation} cannot carry "

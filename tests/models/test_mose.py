@@ -183,6 +183,7 @@ def test_the_gate_learns_from_the_kl_only_and_the_experts_from_the_transport() -
     ("kwargs", "match"),
     [
         ({"fusion": "mean"}, "fusion does not apply"),
+        ({"fusion_options": {"recipe": "paper"}}, "fusion_options does not apply to MoSE"),
         ({"reconstruction": {"ce": 1.0}}, "reconstruction does not apply"),
         ({"coupling": "sinkhorn"}, "coupling"),
         ({"relaxation": 0.0}, "relaxation"),
