@@ -105,7 +105,10 @@ class SMPUNet(nn.Module):
             skips: features per stage, shallow to deep, as returned by ``self.down``.
             transform: optional map applied to the input of every decoder block's first
                 convolution (the upsampled deeper features concatenated with the skip), e.g.
-                MC dropout, as :meth:`probseg.layers.unet.UNet.decode` applies it.
+                MC dropout, as :meth:`probseg.layers.unet.UNet.decode` applies it. With
+                ``decoder_attention_type`` set, smp applies its ``attention1`` to the
+                concatenation before that convolution, so the transform acts on the attended
+                features (after the attention, not before it).
         """
         if transform is None:
             return self.decoder(list(skips))
@@ -126,8 +129,12 @@ class SMPUNet(nn.Module):
 def adapt_input_convolution(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     """A first convolution's (O, C', k, k) weights for C = ``in_channels`` input channels: summed
     over the C' channels for C = 1 (a grey image as C' equal channels), else the C' channels
-    repeated cyclically and scaled by C' / C (the response to an image whose channels are alike
-    stays the same)."""
+    repeated cyclically (channel c takes c' = c mod C') and scaled by C' / C.
+
+    The response to an image whose C channels are all equal stays the same for C = 1 and when C
+    is a multiple of C' (each of the C' channels is then repeated C / C' times). Otherwise it
+    changes: channel c' is repeated floor or ceil of C / C' times, so e.g. C = 2 from C' = 3
+    gives (3 / 2)(W_0 + W_1) in place of W_0 + W_1 + W_2."""
     if in_channels == 1:
         return weight.sum(dim=1, keepdim=True)
     index = torch.arange(in_channels) % weight.shape[1]
@@ -138,9 +145,10 @@ def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike, in_channel
     """Load a local encoder state dict into an smp encoder.
 
     The file holds the encoder's state dict, e.g. ``smp.encoders.get_encoder(name).state_dict()``
-    or a torchvision classifier's (smp's encoders drop the classifier's keys). A first convolution
-    saved for another number of input channels (ImageNet's 3 for a grey model) is adapted by
-    :func:`adapt_input_convolution`.
+    or a torchvision classifier's (smp's encoders drop the classifier's keys). The first
+    convolution (the first 4-D entry of the encoder's state dict) saved for another number of
+    input channels (ImageNet's 3 for a grey model) is adapted by :func:`adapt_input_convolution`;
+    any other shape that differs is refused.
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -159,13 +167,14 @@ def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike, in_channel
             and "state_dict" in state else ""
         raise ValueError(f"{path}: expected a state dict (names -> tensors) of the encoder{hint}")
     own = encoder.state_dict()
+    first_conv = next((k for k, v in own.items() if v.ndim == 4), None)  # the encoder's input convolution
     state = dict(state)
     mismatched = []
     for key, value in list(state.items()):
         if key not in own or value.shape == own[key].shape:
             continue
         other_channels = value.ndim == 4 and value.shape[:1] + value.shape[2:] == own[key].shape[:1] + own[key].shape[2:]
-        if other_channels and own[key].shape[1] == in_channels:  # the first convolution, saved for other inputs
+        if key == first_conv and other_channels and own[key].shape[1] == in_channels:  # saved for other inputs
             state[key] = adapt_input_convolution(value, in_channels)
         else:
             mismatched.append(f"{key}: file {tuple(value.shape)}, model {tuple(own[key].shape)}")

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from probseg.layers.generators import GENERATORS, build_generator, import_smp, without_weights_file
+from probseg.layers.generators import (
+    GENERATORS,
+    adapt_input_convolution,
+    build_generator,
+    import_smp,
+    load_encoder_weights,
+    without_weights_file,
+)
 
 SMP = "segmentation_models_pytorch"
 ENCODERS = ("resnet18", "resnet50", "efficientnet-b0")
@@ -86,6 +93,46 @@ def test_checkpoints_keep_the_weights_file_as_a_record_only() -> None:
     assert options["encoder_weights"] == Path("w.pt"), "the caller's dict is left alone"
     assert without_weights_file({"encoder_name": "resnet18"}) == {"encoder_name": "resnet18"}
     assert without_weights_file(None) is None
+
+
+@pytest.mark.parametrize("channels", [1, 3, 6, 9])
+def test_adapted_weights_keep_the_response_to_equal_channels_when_c_is_a_multiple_of_3(channels: int) -> None:
+    weight = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(channels))
+    x = torch.rand(1, 1, 8, 8)
+    adapted = adapt_input_convolution(weight, channels)
+    assert adapted.shape == (4, channels, 3, 3)
+    torch.testing.assert_close(torch.nn.functional.conv2d(x.expand(-1, channels, -1, -1), adapted),
+                               torch.nn.functional.conv2d(x.expand(-1, 3, -1, -1), weight))
+
+
+def test_other_channel_counts_change_the_response_as_documented() -> None:
+    """C = 2 from C' = 3: (3 / 2)(W_0 + W_1) in place of W_0 + W_1 + W_2."""
+    weight = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    adapted = adapt_input_convolution(weight, 2)
+    torch.testing.assert_close(adapted.sum(1), 1.5 * (weight[:, 0] + weight[:, 1]))
+    assert not torch.allclose(adapted.sum(1), weight.sum(1))
+
+
+def _plain_encoder() -> torch.nn.Module:
+    """A grey encoder whose second convolution is depthwise: its weights are (8, 1, 3, 3), so
+    dimension 1 equals in_channels = 1 there too."""
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, groups=8))
+
+
+def test_only_the_first_convolution_is_adapted(tmp_path: Path) -> None:
+    """Three-channel weights load into the first convolution (summed for a grey model); a later
+    4-D entry that differs only in dimension 1 is refused, not adapted."""
+    rgb = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, groups=8))
+    path = tmp_path / "rgb.pt"
+    torch.save(rgb.state_dict(), path)
+    grey = _plain_encoder()
+    load_encoder_weights(grey, path, 1)
+    torch.testing.assert_close(grey[0].weight, rgb[0].weight.sum(1, keepdim=True))
+    torch.testing.assert_close(grey[2].weight, rgb[2].weight)
+    wrong = {**_plain_encoder().state_dict(), "2.weight": torch.ones(8, 3, 3, 3)}
+    torch.save(wrong, path)
+    with pytest.raises(ValueError, match=r"shapes do not fit the encoder: 2\.weight: file \(8, 3, 3, 3\), model \(8, 1, 3, 3\)"):
+        load_encoder_weights(_plain_encoder(), path, 1)
 
 
 # --- the segmentation_models_pytorch adapter (skips without the extra) ------------------------
