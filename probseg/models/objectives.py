@@ -155,7 +155,13 @@ class Reconstruction(Objective):
 
     @property
     def region_options(self) -> dict[str, Any]:
+        """The region options as given (the model's ``loss_options`` less recipe and pixel reduction)."""
         return self.loss.region_options
+
+    @property
+    def resolved_region_options(self) -> dict[str, Any]:
+        """The region options applied: the recipe's, with those given over them."""
+        return self.loss.resolved_region_options
 
     def target(self, batch: Mapping[str, Any], generator: torch.Generator | None = None, *,
                checked: bool = False) -> torch.Tensor:

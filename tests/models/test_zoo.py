@@ -128,6 +128,8 @@ def test_every_model_trains_on_every_fusion_with_a_loss_mix(name: str, fusion: s
     loaded = probseg.load_model(path)
     assert loaded.fusion == fusion and loaded.reconstruction.weights == {"ce": 0.25, "dml1": 0.75}
     assert loaded.reconstruction.region_options == {"classes": "present", "smooth": 1.0}
+    assert loaded.reconstruction.resolved_region_options == loaded.reconstruction.loss.resolved_region_options
+    assert {"classes": "present", "smooth": 1.0}.items() <= loaded.reconstruction.resolved_region_options.items()
 
 
 def test_the_ce_term_of_a_soft_target_is_the_soft_cross_entropy() -> None:
