@@ -73,14 +73,19 @@ METRICS = ["dice", "dice_pooled", "bdice", "ece", "ece_pooled", "ged", "hm_iou",
 def mixed_variants() -> dict[str, tuple[str, dict[str, Any]]]:
     """The mixed objective's rows, when the task takes ``soft_region`` (a shared option of every
     zoo model: one random rater for the posterior and reconstruction, a DML1 term between the
-    predictive mean of prior hypotheses and the fused mean)."""
+    predictive mean of M prior hypotheses and the fused mean): weight 1 with M = 4 (the
+    default), a tenth of the weight, and M = 16 (the M-sample mean is noisy, and the noise costs
+    DML1 in proportion to the hypotheses' spread)."""
     import inspect
 
     from probseg.models import ProbSegModel
 
     if "soft_region" not in inspect.signature(ProbSegModel.__init__).parameters:
         return {}
-    return {"punet-random+soft": ("punet", {"fusion": "random", "soft_region": {"fusion": "mean", "weight": 1.0}})}
+    rows = {"punet-random+soft": {"fusion": "mean", "weight": 1.0},
+            "punet-random+soft0.1": {"fusion": "mean", "weight": 0.1},
+            "punet-random+soft-m16": {"fusion": "mean", "weight": 1.0, "samples": 16}}
+    return {name: ("punet", {"fusion": "random", "soft_region": option}) for name, option in rows.items()}
 
 
 def all_variants(latent: bool) -> dict[str, tuple[str, dict[str, Any]]]:
