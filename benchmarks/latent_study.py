@@ -87,6 +87,16 @@ def data_module(dataset: str, lidc: str) -> Any:
     return ArrayDataModule(lidc, split_mode="random", seed=0, batch_size=16)
 
 
+def test_batches(ds: Any, batch_size: int) -> Any:
+    """(start, images, masks, rater_mask or None, one generator per image seeded by its index) for
+    consecutive batches of a split: hypotheses do not depend on the batching."""
+    for start in range(0, len(ds), batch_size):
+        items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+        rater_mask = torch.stack([it["rater_mask"] for it in items]) if "rater_mask" in items[0] else None
+        yield (start, torch.stack([it["image"] for it in items]), torch.stack([it["masks"] for it in items]),
+               rater_mask, [torch.Generator().manual_seed(start + i) for i in range(len(items))])
+
+
 def evaluate(model: Any, dm: Any, num_samples: int) -> dict[str, float]:
     from probseg.metrics.functional import (
         empirical_wasserstein,
@@ -99,12 +109,7 @@ def evaluate(model: Any, dm: Any, num_samples: int) -> dict[str, float]:
     values: dict[str, list[float]] = {"ged": [], "hm_iou": [], "diversity": [], "gini": []}
     lobe: list[tuple[float, float]] = []
     with torch.inference_mode():
-        for start in range(0, len(ds), 16):
-            items = [ds[i] for i in range(start, min(start + 16, len(ds)))]
-            images = torch.stack([it["image"] for it in items])
-            masks = torch.stack([it["masks"] for it in items])
-            rater_mask = torch.stack([it["rater_mask"] for it in items]) if "rater_mask" in items[0] else None
-            generators = [torch.Generator().manual_seed(start + i) for i in range(len(items))]
+        for start, images, masks, rater_mask, generators in test_batches(ds, 16):
             weight = None
             if model.weighted:  # a mixture's hypotheses carry weights (MoSE)
                 logits, weight = model.sample_weighted(images, num_samples, generator=generators)
@@ -119,7 +124,7 @@ def evaluate(model: Any, dm: Any, num_samples: int) -> dict[str, float]:
             if sigmas is not None:
                 values["gini"] += gini_index(sigmas.double()).tolist()
             if hasattr(ds, "lobe_region"):
-                for j, i in enumerate(range(start, start + len(items))):
+                for j, i in enumerate(range(start, start + len(images))):
                     if ds.lobe_region(i).any():
                         included = ds.lobe_included(i, pred[j]).float()
                         q = included.mean() if weight is None else (included * weight[j] / weight[j].sum()).sum()

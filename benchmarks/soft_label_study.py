@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from latent_study import run_jobs, summary_table
+from latent_study import run_jobs, summary_table, test_batches
 
 # The paper's recipe on every row: its loss mixture and the reference code's reductions and fusion
 # edge cases. Only the fusion differs between the deterministic rows.
@@ -122,12 +122,7 @@ def evaluate(model: Any, dm: Any, num_samples: int) -> dict[str, float]:
     values: dict[str, list[float]] = {"dice": [], "bdice": [], "ece": [], "ged": [], "hm_iou": [], "diversity": []}
     statistics: dict[str, list[torch.Tensor]] = {"ece": [], "dice": []}
     with torch.inference_mode():
-        for start in range(0, len(ds), 32):
-            items = [ds[i] for i in range(start, min(start + 32, len(ds)))]
-            images = torch.stack([it["image"] for it in items])
-            masks = torch.stack([it["masks"] for it in items])
-            rater_mask = torch.stack([it["rater_mask"] for it in items]) if "rater_mask" in items[0] else None
-            generators = [torch.Generator().manual_seed(start + i) for i in range(len(items))]
+        for _, images, masks, rater_mask, generators in test_batches(ds, 32):
             probs = model.sample(images, samples, generator=generators).softmax(2)  # (B, S, K, H, W)
             per_image, stats = mean_prediction_statistics(probs, masks, rater_mask)
             for key in ("dice", "bdice", "ece"):
@@ -136,9 +131,12 @@ def evaluate(model: Any, dm: Any, num_samples: int) -> dict[str, float]:
                 collected.append(stats[key])
             if not model.deterministic:
                 fg, raters = probs.argmax(2) == 1, masks == 1
-                values["ged"] += F.generalized_energy_distance(fg, raters, rater_mask).tolist()
-                values["hm_iou"] += F.empirical_wasserstein(fg, raters, "iou", rater_mask).tolist()
-                values["diversity"] += F.sample_diversity(fg).tolist()
+                # one set of 1 - IoU costs for GED, the matching and the diversity
+                cross, within = F.pairwise_cost(fg, raters, "iou"), F.pairwise_cost(fg, fg, "iou")
+                within_raters = F.pairwise_cost(raters, raters, "iou")
+                values["ged"] += F.energy_distance_from_costs(cross, within, within_raters, rater_mask).tolist()
+                values["hm_iou"] += F.matched_cost(cross, rater_mask).tolist()
+                values["diversity"] += F.diversity_from_costs(within).tolist()
     out = {k: float(np.mean(v)) if v else math.nan for k, v in values.items()}
     out.update({k: float(v) for k, v in pooled_values({k: torch.cat(v) for k, v in statistics.items()}).items()})
     return out
